@@ -18,6 +18,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar, Union, overload
@@ -164,6 +165,10 @@ class _Run:
                 return self.outcome
             if isinstance(self.outcome, asyncio.CancelledError) and self.cancel_sent:
                 raise self._timed_out(name) from None
+            if not isinstance(self.outcome, Exception):
+                # Celery's tracer lets these escape and the result is never stored: a
+                # silent hang for the caller. A coroutine's SystemExit fails its task only.
+                raise RuntimeError(f"task {name} raised {self.outcome!r}") from self.outcome
             raise self.outcome
         if self.cancel_sent:
             logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
@@ -183,6 +188,7 @@ class _LoopThread:
     """An event loop driven by a daemon thread of the process that created it."""
 
     def __init__(self, name: str, is_bridge: bool) -> None:
+        _refuse_green_threads()
         self.pid, self.is_bridge = os.getpid(), is_bridge
         self.retired = False
         self.loop = asyncio.new_event_loop()
@@ -210,6 +216,17 @@ class _LoopThread:
                 logger.error("%r escaped a coroutine on %s; the loop goes on",
                              exc, self.thread.name)
         _shut_down(self.loop)
+
+
+def _refuse_green_threads() -> None:
+    # Under monkey-patching a "thread" is a greenlet on the worker's own hub: the worker
+    # would block the very hub that must drive the loop.
+    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
+    if (gevent is not None and gevent.is_module_patched("threading")) or (
+            eventlet is not None and eventlet.is_monkey_patched("thread")):
+        raise RuntimeError("relier_bridge needs real threads, but gevent or eventlet has "
+                           "monkey-patched them: run async tasks in a prefork, solo or "
+                           "threads worker")
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import logging
 import os
 import re
 import shutil
@@ -743,6 +744,203 @@ def test_unserialisable_arguments_fail_at_the_call_site() -> None:
                 inbox.get(timeout=1)
         finally:
             inbox.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Fault drills: hostile tasks, signals and dying processes.
+# ---------------------------------------------------------------------------------------
+log = logging.getLogger(MODULE)
+BACKGROUND: list[Any] = []
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def swallows_cancel() -> None:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(6)  # hostile: ignores the cancellation and keeps going
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def blocks_the_loop() -> None:
+    time.sleep(6)  # hostile: never yields to the loop
+
+
+@bridged_task(app=app)
+async def raises_base_exception(kind: str) -> None:
+    await asyncio.sleep(0)
+    raise {"exit": SystemExit, "interrupt": KeyboardInterrupt}[kind](f"{kind} from a coroutine")
+
+
+@bridged_task(app=app)
+async def stops_its_loop() -> str:
+    asyncio.get_running_loop().stop()
+    await asyncio.sleep(0.05)
+    return "still here"
+
+
+@bridged_task(app=app, bind=True, time_limit=2)
+async def over_celery_hard_limit(self: celery.Task) -> None:
+    log.warning("doomed %s in pid %d", self.request.id, os.getpid())
+    await asyncio.sleep(30)
+
+
+@bridged_task(app=app, bind=True, acks_late=True, reject_on_worker_lost=True)
+async def survives_a_lost_child(self: celery.Task, key: str) -> int:
+    if marked(f"lost-{key}") is None:
+        mark(f"lost-{key}")
+        log.warning("doomed %s in pid %d", key, os.getpid())
+        await asyncio.sleep(60)
+    return os.getpid()
+
+
+@bridged_task(app=app, bind=True)
+async def leaves_background_work(self: celery.Task, seconds: float) -> str:
+    task_id = self.request.id  # the loop's shutdown runs outside this task's context
+
+    async def background() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            mark(f"background-cancelled-{task_id}")
+
+    async def numbers() -> Any:
+        try:
+            yield 1
+            yield 2
+        finally:
+            mark(f"generator-closed-{task_id}")
+
+    BACKGROUND.append(asyncio.ensure_future(background()))
+    generator = numbers()
+    KEPT_GENERATORS.append(generator)
+    await generator.__anext__()
+    await asyncio.get_running_loop().run_in_executor(None, time.sleep, 0)
+    log.warning("started %s", task_id)
+    await asyncio.sleep(seconds)
+    return "done"
+
+
+@bridged_task(app=app)
+async def probe() -> dict[str, int]:
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    return {"pending": len(others), "threads": threading.active_count(),
+            "fds": len(os.listdir("/proc/self/fd"))}
+
+
+def test_drill_swallowed_cancel_fails_on_time_and_frees_the_process(solo: Worker) -> None:
+    loop_before = get(solo.send(loop_facts))["loop"]
+    start, mark_line = time.monotonic(), len(solo.lines)
+    with pytest.raises(HardTimeout):
+        get(solo.send(swallows_cancel))
+    assert time.monotonic() - start < 1 + relier_bridge.CANCEL_GRACE + 2.5
+    solo.wait_for("ignored cancellation", timeout=5, start=mark_line)
+    start = time.monotonic()
+    assert get(solo.send(loop_facts))["loop"] == loop_before, "a turning loop is kept"
+    assert time.monotonic() - start < 2.5, "the next task ran on time"
+
+
+def test_drill_blocked_loop_is_replaced(solo: Worker) -> None:
+    loop_before = get(solo.send(loop_facts))["loop"]
+    start, mark_line = time.monotonic(), len(solo.lines)
+    with pytest.raises(HardTimeout):
+        get(solo.send(blocks_the_loop))
+    assert time.monotonic() - start < 1 + relier_bridge.CANCEL_GRACE + 2.5
+    solo.wait_for("blocked its event loop", timeout=5, start=mark_line)
+    assert get(solo.send(loop_facts))["loop"] != loop_before
+    assert time.monotonic() - start < 5.5, "the next task did not wait behind the stuck loop"
+
+
+@pytest.mark.parametrize("kind", ["exit", "interrupt"])
+def test_drill_base_exception_never_kills_the_bridge(threads: Worker, kind: str) -> None:
+    loop_before = get(threads.send(loop_facts))["loop"]
+    result = threads.send(raises_base_exception, kind)
+    with pytest.raises(RuntimeError, match=f"{kind} from a coroutine"):
+        get(result)
+    assert get(threads.send(loop_facts))["loop"] == loop_before
+
+
+def test_drill_a_stopped_loop_keeps_serving(solo: Worker) -> None:
+    loop_before = get(solo.send(loop_facts))["loop"]
+    assert get(solo.send(stops_its_loop)) == "still here"
+    assert get(solo.send(loop_facts))["loop"] == loop_before
+
+
+def test_drill_dead_bridge_thread_is_replaced() -> None:
+    first = relier_bridge._bridge()
+    first.retired = True
+    first.loop.call_soon_threadsafe(first.loop.stop)
+    first.thread.join(10)
+    first.retired = False  # now only the dead thread gives it away
+    assert not first.thread.is_alive()
+    sleeper.push_request(called_directly=False, id="after-death", task=sleeper.name)
+    try:
+        assert sleeper.run(0.01) == 0.01
+    finally:
+        sleeper.pop_request()
+    assert relier_bridge._bridge_loop is not first
+
+
+def test_drill_celery_time_limit_kill_gives_a_fresh_loop(prefork: Worker) -> None:
+    start = len(prefork.lines)
+    result = prefork.send(over_celery_hard_limit)
+    killed = int(prefork.wait_for(f"doomed {result.id} in pid", 30, start).split()[-1])
+    with pytest.raises(TimeLimitExceeded):
+        get(result)
+    facts = [get(r) for r in [prefork.send(loop_facts) for _ in range(10)]]
+    assert killed not in {fact["pid"] for fact in facts}
+    _check_one_loop_per_process(facts)
+
+
+@pytest.mark.slow
+def test_drill_warm_shutdown_finishes_the_task_then_closes_the_loop() -> None:
+    worker = Worker("shutdown", "prefork", 1)
+    try:
+        result = worker.send(leaves_background_work, 2.0)
+        worker.wait_for(f"started {result.id}", timeout=30)
+        stop_started = time.monotonic()
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0
+        assert time.monotonic() - stop_started < 15
+    finally:
+        worker.stop()
+    assert get(result) == "done"
+    assert marked(f"background-cancelled-{result.id}") is not None
+    assert marked(f"generator-closed-{result.id}") is not None
+    for bad in ("Task was destroyed but it is pending", "Event loop is closed", "Traceback"):
+        assert bad not in worker.log
+
+
+def test_drill_lost_child_is_redelivered(prefork: Worker) -> None:
+    key, start = uuid.uuid4().hex, len(prefork.lines)
+    result = prefork.send(survives_a_lost_child, key)
+    doomed = int(prefork.wait_for(f"doomed {key} in pid", 30, start).split()[-1])
+    os.kill(doomed, signal.SIGKILL)
+    assert get(result, timeout=60) != doomed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_drill_no_leaks_after_2000_tasks() -> None:
+    count = int(os.environ.get("RELIER_LEAK_TASKS", "2000"))
+    with running_worker("leak", "prefork", 1) as worker:
+        before = get(worker.send(probe))
+        results = [worker.send(add, i, i) for i in range(count)]
+        assert [get(result, timeout=240) for result in results] == [2 * i for i in range(count)]
+        after = get(worker.send(probe))
+    assert after["pending"] == 0
+    assert abs(after["threads"] - before["threads"]) <= 1
+    assert abs(after["fds"] - before["fds"]) <= 1
+
+
+@pytest.mark.parametrize("pool", ["gevent", "eventlet"])
+def test_drill_green_thread_pools_are_refused(pool: str) -> None:
+    pytest.importorskip(pool)
+    with running_worker(pool, pool, 10) as worker:
+        result = worker.send(add, 1, 2)
+        with pytest.raises(RuntimeError, match="real threads"):
+            get(result)
+        assert get(worker.send(sync_facts))["pid"] == worker.process.pid
 
 
 # ---------------------------------------------------------------------------------------
