@@ -20,8 +20,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar, Union, overload
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, TypeVar, Union, overload
 
 import celery
 from celery.exceptions import TimeLimitExceeded
@@ -29,14 +29,15 @@ from celery.result import AsyncResult
 
 if TYPE_CHECKING:
     from typing import ParamSpec
-    TaskBody = Union[Callable["P", Awaitable["R"]], Callable["P", "R"]]
 else:  # Python 3.9 has no ParamSpec at run time; only type checkers need the real one.
     ParamSpec = TypeVar
 
-__all__ = ["BridgedTask", "HardTimeout", "SoftContext", "bridged_task"]
+__all__ = ["BridgedTask", "HardTimeout", "SoftContext", "bridged_task", "close_bridge_loop"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+if TYPE_CHECKING:
+    TaskBody = Union[Callable[P, Awaitable[R]], Callable[P, R]]
 logger = logging.getLogger("relier_bridge")
 
 # How long past hard_timeout a cancelled coroutine may take to finish its finally blocks.
@@ -72,45 +73,48 @@ class SoftContext:
         self.partial = value
 
 
-class _Limits:
+class _Limits(NamedTuple):
     """The timeout policy of one task, validated once at decoration time."""
 
-    __slots__ = ("soft", "hard", "on_soft")
-
-    def __init__(self, soft: Optional[float], hard: Optional[float],
-                 on_soft: Optional[Callable[[SoftContext], Any]]) -> None:
-        self.soft, self.hard, self.on_soft = soft, hard, on_soft
+    soft: Optional[float]
+    hard: Optional[float]
+    on_soft: Optional[Callable[[SoftContext], Any]]
 
 
 class _Run:
-    """One coroutine's trip over a loop: started there, settled for a waiting thread."""
+    """One coroutine's trip over a loop thread: started there, awaited from another thread."""
 
-    __slots__ = ("coro", "context", "limits", "soft", "task", "timers", "hook",
-                 "cancel_sent", "settled", "outcome", "failed")
+    __slots__ = ("coro", "context", "limits", "name", "soft", "owner", "task", "timers",
+                 "hook", "cancel_sent", "settled")
 
-    def __init__(self, coro: Awaitable[Any], context: contextvars.Context,
-                 limits: _Limits, soft: Optional[SoftContext]) -> None:
-        self.coro, self.context, self.limits, self.soft = coro, context, limits, soft
+    def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
+                 limits: _Limits, name: str, soft: Optional[SoftContext]) -> None:
+        self.coro, self.context, self.limits, self.name, self.soft = (
+            coro, context, limits, name, soft)
+        self.owner: Optional[_LoopThread] = None
         self.task: Optional[asyncio.Task[Any]] = None
         self.timers: list[asyncio.TimerHandle] = []
-        self.hook: Optional[asyncio.Future[Any]] = None
-        self.cancel_sent = False  # set on the loop: proves the loop was still turning
+        self.hook: Optional[asyncio.Task[None]] = None
+        self.cancel_sent = False  # set on the loop: proves that the loop was still turning
         self.settled = threading.Lock()
-        self.settled.acquire()  # released once, by the loop, when the outcome is known
-        self.outcome: Any = None
-        self.failed = False
+        self.settled.acquire()  # released once, by the loop, when the task is done
 
-    def start(self, owner: _LoopThread) -> None:
-        """Create the task on ``owner``'s loop; runs on that loop's thread, in ``context``."""
-        if owner.retired and owner.is_bridge:  # the loop was replaced while this waited
-            _bridge().submit(self)
+    def submit(self, owner: _LoopThread) -> _Run:
+        self.owner = owner
+        owner.loop.call_soon_threadsafe(self._start, context=self.context)
+        return self
+
+    def _start(self) -> None:
+        owner = self.owner
+        assert owner is not None
+        if owner.retired and owner.is_bridge:  # the loop was replaced while this was queued
+            self.submit(_bridge())
             return
-        loop = owner.loop
-        self.task = loop.create_task(self.coro)  # type: ignore[arg-type]
+        self.task = owner.loop.create_task(self.coro)
         if self.limits.soft is not None:
-            self.timers.append(loop.call_later(self.limits.soft, self._fire_soft))
+            self.timers.append(owner.loop.call_later(self.limits.soft, self._fire_soft))
         if self.limits.hard is not None:
-            self.timers.append(loop.call_later(self.limits.hard, self.cancel))
+            self.timers.append(owner.loop.call_later(self.limits.hard, self.cancel))
         self.task.add_done_callback(self._finish)
 
     def cancel(self) -> None:
@@ -119,69 +123,58 @@ class _Run:
             self.task.cancel()
 
     def _fire_soft(self) -> None:
+        self.hook = asyncio.ensure_future(self._soft_hook())
+
+    async def _soft_hook(self) -> None:
         assert self.limits.on_soft is not None and self.soft is not None
         try:
             result = self.limits.on_soft(self.soft)
             if inspect.isawaitable(result):
-                self.hook = asyncio.ensure_future(result)
-                self.hook.add_done_callback(self._hook_done)
+                await result
         except Exception:
-            logger.exception("on_soft hook of %s raised; the task goes on", self.soft.name)
+            logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
-    def _hook_done(self, hook: asyncio.Future[Any]) -> None:
-        if not hook.cancelled() and hook.exception() is not None:
-            logger.error("on_soft hook of %s raised; the task goes on",
-                         self.soft.name if self.soft else "?", exc_info=hook.exception())
-
-    def _finish(self, task: asyncio.Task[Any]) -> None:
+    def _finish(self, _: asyncio.Task[Any]) -> None:
         for timer in self.timers:
             timer.cancel()
         if self.hook is not None:
             self.hook.cancel()  # the hook serves a running task only
-        if task.cancelled():
-            self.failed, self.outcome = True, asyncio.CancelledError()
-        elif task.exception() is not None:
-            self.failed, self.outcome = True, task.exception()
-        else:
-            self.outcome = task.result()
         self.settled.release()
 
-    def wait(self, owner: _LoopThread, name: str) -> Any:
-        """Block the calling thread until the run settles; return or raise its outcome.
+    def wait(self) -> Any:
+        """Block the calling thread until the task is done; return or raise its outcome.
 
         With ``hard_timeout`` the wait ends at the limit plus ``CANCEL_GRACE`` even if the
         coroutine ignores cancellation or blocks its loop. An exception raised into this
         thread while it waits (Celery's soft time limit, an interrupt) cancels the coroutine.
         """
-        hard = self.limits.hard
+        hard, owner = self.limits.hard, self.owner
+        assert owner is not None
         try:
             settled = self.settled.acquire(timeout=-1 if hard is None else hard + CANCEL_GRACE)
         except BaseException:
             if not owner.loop.is_closed():
                 owner.loop.call_soon_threadsafe(self.cancel)
             raise
-        if settled:
-            if not self.failed:
-                return self.outcome
-            if isinstance(self.outcome, asyncio.CancelledError) and self.cancel_sent:
-                raise self._timed_out(name) from None
-            if not isinstance(self.outcome, Exception):
-                # Celery's tracer lets these escape and the result is never stored: a
-                # silent hang for the caller. A coroutine's SystemExit fails its task only.
-                raise RuntimeError(f"task {name} raised {self.outcome!r}") from self.outcome
-            raise self.outcome
-        if self.cancel_sent:
-            logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
-                           "running on the loop", name, hard)
-        else:
-            logger.warning("task %s blocked its event loop past hard_timeout=%ss; the loop is "
-                           "retired and the next task gets a fresh one", name, hard)
-            owner.retire()
-        raise self._timed_out(name)
-
-    def _timed_out(self, name: str) -> HardTimeout:
-        assert self.limits.hard is not None
-        return HardTimeout(name, self.limits.hard, self.soft.partial if self.soft else None)
+        if not settled:
+            if self.cancel_sent:
+                logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
+                               "running on the loop", self.name, hard)
+            else:
+                logger.warning("task %s blocked its event loop past hard_timeout=%ss; that "
+                               "loop is retired, the next task gets a fresh one", self.name, hard)
+                owner.retire()
+        if (self.cancel_sent or not settled) and hard is not None:
+            raise HardTimeout(self.name, hard, self.soft.partial if self.soft else None)
+        assert self.task is not None
+        error = asyncio.CancelledError() if self.task.cancelled() else self.task.exception()
+        if error is None:
+            return self.task.result()
+        if isinstance(error, Exception):
+            raise error
+        # Celery's tracer lets SystemExit and the like escape, and no result is ever stored:
+        # a silent hang for the caller. Here they fail their own task only.
+        raise RuntimeError(f"task {self.name} raised {error!r}") from error
 
 
 class _LoopThread:
@@ -189,8 +182,7 @@ class _LoopThread:
 
     def __init__(self, name: str, is_bridge: bool) -> None:
         _refuse_green_threads()
-        self.pid, self.is_bridge = os.getpid(), is_bridge
-        self.retired = False
+        self.pid, self.is_bridge, self.retired = os.getpid(), is_bridge, False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._drive, name=name, daemon=True)
         self.thread.start()
@@ -198,9 +190,6 @@ class _LoopThread:
     def healthy(self) -> bool:
         # After fork() the child inherits this object, but not the thread behind it.
         return self.pid == os.getpid() and not self.retired and self.thread.is_alive()
-
-    def submit(self, run: _Run) -> None:
-        self.loop.call_soon_threadsafe(run.start, self, context=run.context)
 
     def retire(self) -> None:
         """Stop the loop as soon as it is free; it then shuts itself down in order."""
@@ -236,7 +225,7 @@ def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
         for task in pending:
             task.cancel()
         if pending:
-            done, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
+            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
             for task in stuck:
                 logger.warning("%r ignored cancellation at loop shutdown", task)
         loop.run_until_complete(loop.shutdown_asyncgens())
@@ -286,30 +275,25 @@ def _loop_blocking_error(what: str) -> RuntimeError:
                         "`await task.apush(...)`")
 
 
-def _execute(task: celery.Task, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
-             kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
-    """Run one call of an async task body to completion from synchronous code."""
+def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
+             args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
+    """Run one call of an async task body to completion, from synchronous code."""
     if asyncio._get_running_loop() is not None:
         raise _loop_blocking_error(f"calling {task.name}() synchronously")
     request = task.request
-    soft = None
-    if limits.on_soft is not None:
-        soft = SoftContext(request.id, task.name, args, kwargs)
     context = contextvars.copy_context()
     context.run(_current_request.set, request)
-    coro = fn(task, *args, **kwargs) if bound else fn(*args, **kwargs)
-    run = _Run(coro, context, limits, soft)
-    if request.called_directly or request.is_eager:
-        owner = _LoopThread(f"relier-disposable-{task.name}", is_bridge=False)
-        owner.submit(run)
-        try:
-            return run.wait(owner, task.name)
-        finally:
-            owner.retire()
-            owner.thread.join(CANCEL_GRACE * 2)
-    owner = _bridge()
-    owner.submit(run)
-    return run.wait(owner, task.name)
+    soft = SoftContext(request.id, task.name, args, kwargs) if limits.on_soft else None
+    coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
+    run = _Run(coro, context, limits, task.name, soft)
+    if not (request.called_directly or request.is_eager):  # executed by a worker
+        return run.submit(_bridge()).wait()
+    owner = _LoopThread(f"relier-disposable-{task.name}", is_bridge=False)
+    try:
+        return run.submit(owner).wait()
+    finally:
+        owner.retire()
+        owner.thread.join(CANCEL_GRACE * 2)
 
 
 class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
