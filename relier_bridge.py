@@ -269,17 +269,17 @@ celery.signals.worker_shutdown.connect(close_bridge_loop, weak=False)
 _current_request: contextvars.ContextVar[Any] = contextvars.ContextVar("relier_request")
 
 
-def _loop_blocking_error(what: str) -> RuntimeError:
-    return RuntimeError(f"{what} would block the event loop running in this thread (and "
-                        "deadlock if the task needs that loop); from async code use "
-                        "`await task.apush(...)`")
+def _refuse_running_loop(call: str) -> None:
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError(f"{call} would block the event loop running in this thread (and "
+                           "deadlock if the task needs that loop); from async code use "
+                           "`await task.apush(...)`")
 
 
 def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
              args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
     """Run one call of an async task body to completion, from synchronous code."""
-    if asyncio._get_running_loop() is not None:
-        raise _loop_blocking_error(f"calling {task.name}() synchronously")
+    _refuse_running_loop(f"calling {task.name}() synchronously")
     request = task.request
     context = contextvars.copy_context()
     context.run(_current_request.set, request)
@@ -301,8 +301,7 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
 
     def push(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
         """Send the task from synchronous code (``apply_async`` with these arguments)."""
-        if asyncio._get_running_loop() is not None:
-            raise _loop_blocking_error(f"{self.name}.push()")
+        _refuse_running_loop(f"{self.name}.push()")
         return self.apply_async(args, kwargs)
 
     async def apush(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:

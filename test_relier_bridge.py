@@ -923,7 +923,8 @@ def test_drill_lost_child_is_redelivered(prefork: Worker) -> None:
 @pytest.mark.timeout(300)
 def test_drill_no_leaks_after_2000_tasks() -> None:
     count = int(os.environ.get("RELIER_LEAK_TASKS", "2000"))
-    with running_worker("leak", "prefork", 1) as worker:
+    # A deep prefetch: with one message at a time the embedded broker polls between tasks.
+    with running_worker("leak", "prefork", 1, "--prefetch-multiplier=100") as worker:
         before = get(worker.send(probe))
         results = [worker.send(add, i, i) for i in range(count)]
         assert [get(result, timeout=240) for result in results] == [2 * i for i in range(count)]
