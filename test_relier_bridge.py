@@ -19,7 +19,6 @@ import contextvars
 import gc
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -41,8 +40,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.result import AsyncResult
 from celery.signals import task_prerun, worker_init
 from kombu.exceptions import EncodeError
-from kombu.transport import TRANSPORT_ALIASES
-from kombu.transport import filesystem
+from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import ensure_bytes
 from kombu.utils.json import dumps
 
@@ -357,10 +355,8 @@ class Worker:
         """Warm shutdown (SIGTERM); SIGKILL the whole group if it does not end in time."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)  # the group id is the worker's pid
         return self.process.wait(10)
@@ -763,7 +759,7 @@ async def swallows_cancel() -> None:
 
 @bridged_task(app=app, hard_timeout=1)
 async def blocks_the_loop() -> None:
-    time.sleep(6)  # hostile: never yields to the loop
+    time.sleep(6)  # noqa: ASYNC251 - hostile on purpose: never yields to the loop
 
 
 @bridged_task(app=app)
