@@ -1,14 +1,12 @@
-# relier_bridge: async def Celery tasks that are correct inside real Celery workers.
-# Copyright (c) 2026 the relier_bridge authors. MIT licence: use, copy, modify and
-# distribute freely, keeping this notice; provided "as is", without warranty of any kind.
-# Full text: https://opensource.org/licenses/MIT
+# relier_bridge. Copyright (c) 2026 the relier_bridge authors. MIT licence
+# (https://opensource.org/licenses/MIT): use, copy, modify and distribute freely, keeping
+# this notice; provided "as is", without warranty of any kind.
 """Run ``async def`` Celery tasks on one persistent event loop per worker process.
 
-Inside a worker every coroutine runs on the process's *bridge loop*: an event loop
-created in that process and driven by a daemon thread, so async clients cached per
-process stay valid from task to task. The worker thread hands each coroutine over
-and blocks until it settles. Outside a worker (a direct call, eager mode) each call
-gets a *disposable loop* that is shut down completely before the call returns.
+In a worker, coroutines run on the process's *bridge loop*: created in that process and
+driven by a daemon thread, so async clients cached per process stay valid across tasks.
+Outside a worker (direct call, eager mode) each call gets a *disposable loop*, shut down
+completely before the call returns.
 """
 from __future__ import annotations
 
@@ -20,8 +18,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, TypeVar, Union, overload
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, Protocol, TypeVar, overload
 
 import celery
 from celery.exceptions import TimeLimitExceeded
@@ -36,8 +34,6 @@ __all__ = ["BridgedTask", "HardTimeout", "SoftContext", "bridged_task", "close_b
 
 P = ParamSpec("P")
 R = TypeVar("R")
-if TYPE_CHECKING:
-    TaskBody = Union[Callable[P, Awaitable[R]], Callable[P, R]]
 logger = logging.getLogger("relier_bridge")
 
 # How long past hard_timeout a cancelled coroutine may take to finish its finally blocks.
@@ -45,11 +41,8 @@ CANCEL_GRACE = 1.0
 
 
 class HardTimeout(TimeLimitExceeded):  # type: ignore[misc]
-    """The coroutine ran past ``hard_timeout`` and was cancelled.
-
-    ``partial`` is the last value the soft-timeout hook passed to ``set_partial``. All
-    state lives in ``args`` so the exception survives a trip through a result backend.
-    """
+    """The coroutine ran past ``hard_timeout`` and was cancelled; ``partial`` is the hook's last
+    ``set_partial`` value. State lives in ``args``, so it survives a result backend."""
 
     def __init__(self, task_name: str, limit: float, partial: Any = None) -> None:
         super().__init__(task_name, limit, partial)
@@ -64,8 +57,7 @@ class SoftContext:
 
     __slots__ = ("task_id", "name", "args", "kwargs", "partial")
 
-    def __init__(self, task_id: Optional[str], name: str, args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
+    def __init__(self, task_id: Optional[str], name: str, args: Any, kwargs: Any) -> None:
         self.task_id, self.name, self.args, self.kwargs = task_id, name, args, kwargs
         self.partial: Any = None
 
@@ -84,20 +76,22 @@ class _Limits(NamedTuple):
 class _Run:
     """One coroutine's trip over a loop thread: started there, awaited from another thread."""
 
-    __slots__ = ("coro", "context", "limits", "name", "soft", "owner", "task", "timers",
-                 "hook", "cancel_sent", "settled")
+    __slots__ = ("coro", "context", "limits", "name", "soft", "owner", "task", "timer",
+                 "started", "hook", "cancel_sent", "settled", "outcome", "error")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
-                 limits: _Limits, name: str, soft: Optional[SoftContext]) -> None:
+                 limits: _Limits, name: str, soft: SoftContext) -> None:
         self.coro, self.context, self.limits, self.name, self.soft = (
             coro, context, limits, name, soft)
         self.owner: Optional[_LoopThread] = None
-        self.task: Optional[asyncio.Task[Any]] = None
-        self.timers: list[asyncio.TimerHandle] = []
+        self.task: Optional[asyncio.Task[None]] = None
+        self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
+        self.started, self.outcome = 0.0, None
+        self.error: Optional[BaseException] = None
         self.cancel_sent = False  # set on the loop: proves that the loop was still turning
         self.settled = threading.Lock()
-        self.settled.acquire()  # released once, by the loop, when the task is done
+        self.settled.acquire()  # released once, by the loop, when the outcome is known
 
     def submit(self, owner: _LoopThread) -> _Run:
         self.owner = owner
@@ -110,44 +104,58 @@ class _Run:
         if owner.retired and owner.is_bridge:  # the loop was replaced while this was queued
             self.submit(_bridge())
             return
-        self.task = owner.loop.create_task(self.coro)
-        if self.limits.soft is not None:
-            self.timers.append(owner.loop.call_later(self.limits.soft, self._fire_soft))
-        if self.limits.hard is not None:
-            self.timers.append(owner.loop.call_later(self.limits.hard, self.cancel))
-        self.task.add_done_callback(self._finish)
+        # One timer at a time: the soft one arms the hard one. Most runs end before either.
+        self.started = owner.loop.time()
+        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
+        if first is not None:
+            self.timer = owner.loop.call_at(self.started + first, self._on_timer)
+        if sys.version_info >= (3, 12):  # a body that never suspends settles in this turn
+            self.task = asyncio.Task(self._settle(), loop=owner.loop, eager_start=True)
+        else:
+            self.task = owner.loop.create_task(self._settle())
+
+    async def _settle(self) -> None:
+        # Settling inside the task's own step saves the loop turn a done callback costs.
+        try:
+            self.outcome = await self.coro
+        except BaseException as exc:
+            self.error = exc
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                raise  # as from any task: out of run_forever, to the loop's driver
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+            if self.hook is not None:
+                self.hook.cancel()  # the hook serves a running task only
+            self.settled.release()
+
+    def _on_timer(self) -> None:
+        hard, loop = self.limits.hard, asyncio.get_running_loop()
+        if self.hook is not None or self.limits.soft is None:  # past hard_timeout
+            self.cancel()
+            return
+        self.hook = loop.create_task(self._soft_hook())
+        if hard is not None:
+            self.timer = loop.call_at(self.started + hard, self._on_timer)
 
     def cancel(self) -> None:
         self.cancel_sent = True
         if self.task is not None:
             self.task.cancel()
 
-    def _fire_soft(self) -> None:
-        self.hook = asyncio.ensure_future(self._soft_hook())
-
     async def _soft_hook(self) -> None:
-        assert self.limits.on_soft is not None and self.soft is not None
+        logger.warning("task %s passed soft_timeout=%ss", self.name, self.limits.soft)
         try:
-            result = self.limits.on_soft(self.soft)
+            result = self.limits.on_soft(self.soft) if self.limits.on_soft else None
             if inspect.isawaitable(result):
                 await result
         except Exception:
             logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
-    def _finish(self, _: asyncio.Task[Any]) -> None:
-        for timer in self.timers:
-            timer.cancel()
-        if self.hook is not None:
-            self.hook.cancel()  # the hook serves a running task only
-        self.settled.release()
-
     def wait(self) -> Any:
-        """Block the calling thread until the task is done; return or raise its outcome.
-
-        With ``hard_timeout`` the wait ends at the limit plus ``CANCEL_GRACE`` even if the
-        coroutine ignores cancellation or blocks its loop. An exception raised into this
-        thread while it waits (Celery's soft time limit, an interrupt) cancels the coroutine.
-        """
+        """Block until the run settles and return or raise its outcome; with ``hard_timeout``,
+        at most until ``CANCEL_GRACE`` past it. An exception raised into this thread while it
+        waits (Celery's soft time limit, an interrupt) cancels the coroutine."""
         hard, owner = self.limits.hard, self.owner
         assert owner is not None
         try:
@@ -156,32 +164,34 @@ class _Run:
             if not owner.loop.is_closed():
                 owner.loop.call_soon_threadsafe(self.cancel)
             raise
-        if not settled:
-            if self.cancel_sent:
-                logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
-                               "running on the loop", self.name, hard)
-            else:
-                logger.warning("task %s blocked its event loop past hard_timeout=%ss; that "
-                               "loop is retired, the next task gets a fresh one", self.name, hard)
-                owner.retire()
+        if not settled and self.cancel_sent:
+            logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
+                           "running on the loop", self.name, hard)
+        elif not settled:
+            logger.warning("task %s blocked its event loop past hard_timeout=%ss; that loop "
+                           "is retired, the next task gets a fresh one", self.name, hard)
+            owner.retire()
         if (self.cancel_sent or not settled) and hard is not None:
-            raise HardTimeout(self.name, hard, self.soft.partial if self.soft else None)
-        assert self.task is not None
-        error = asyncio.CancelledError() if self.task.cancelled() else self.task.exception()
-        if error is None:
-            return self.task.result()
-        if isinstance(error, Exception):
-            raise error
+            raise HardTimeout(self.name, hard, self.soft.partial)
+        if self.error is None:
+            return self.outcome
+        if isinstance(self.error, Exception):
+            raise self.error
         # Celery's tracer lets SystemExit and the like escape, and no result is ever stored:
         # a silent hang for the caller. Here they fail their own task only.
-        raise RuntimeError(f"task {self.name} raised {error!r}") from error
+        raise RuntimeError(f"task {self.name} raised {self.error!r}") from self.error
 
 
 class _LoopThread:
     """An event loop driven by a daemon thread of the process that created it."""
 
     def __init__(self, name: str, is_bridge: bool) -> None:
-        _refuse_green_threads()
+        # Patched, a "thread" is a greenlet on the hub that the waiting worker would block.
+        gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
+        if (gevent is not None and gevent.is_module_patched("threading")) or (
+                eventlet is not None and eventlet.is_monkey_patched("thread")):
+            raise RuntimeError("relier_bridge needs real threads, which gevent or eventlet "
+                               "patched: run async tasks in a prefork, solo or threads worker")
         self.pid, self.is_bridge, self.retired = os.getpid(), is_bridge, False
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._drive, name=name, daemon=True)
@@ -207,17 +217,6 @@ class _LoopThread:
         _shut_down(self.loop)
 
 
-def _refuse_green_threads() -> None:
-    # Under monkey-patching a "thread" is a greenlet on the worker's own hub: the worker
-    # would block the very hub that must drive the loop.
-    gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
-    if (gevent is not None and gevent.is_module_patched("threading")) or (
-            eventlet is not None and eventlet.is_monkey_patched("thread")):
-        raise RuntimeError("relier_bridge needs real threads, but gevent or eventlet has "
-                           "monkey-patched them: run async tasks in a prefork, solo or "
-                           "threads worker")
-
-
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
     """Close ``loop`` as asyncio.run does: cancel tasks, shut down generators and executor."""
     try:
@@ -226,8 +225,8 @@ def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
             task.cancel()
         if pending:
             _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
-            for task in stuck:
-                logger.warning("%r ignored cancellation at loop shutdown", task)
+            if stuck:
+                logger.warning("ignored cancellation at loop shutdown: %r", stuck)
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
     finally:
@@ -283,8 +282,8 @@ def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
     request = task.request
     context = contextvars.copy_context()
     context.run(_current_request.set, request)
-    soft = SoftContext(request.id, task.name, args, kwargs) if limits.on_soft else None
     coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
+    soft = SoftContext(request.id, task.name, args, kwargs)
     run = _Run(coro, context, limits, task.name, soft)
     if not (request.called_directly or request.is_eager):  # executed by a worker
         return run.submit(_bridge()).wait()
@@ -329,13 +328,12 @@ def _check(fn: Any, soft: Optional[float], hard: Optional[float], on_soft: Any) 
                         "value, so collect the items and return them")
     is_async = inspect.iscoroutinefunction(fn)
     for label, value in (("soft_timeout", soft), ("hard_timeout", hard)):
-        if value is None:
-            continue
-        if not is_async:
+        if value is not None and not is_async:
             raise ValueError(f"{label} on sync task {fn.__qualname__}: a running thread "
                              "cannot be cancelled; make it `async def`, or use Celery's "
                              "soft_time_limit/time_limit")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+        if value is not None and bad:
             raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
     if soft is not None and hard is not None and soft >= hard:
         raise ValueError(f"soft_timeout ({soft}) must be less than hard_timeout ({hard})")
@@ -346,23 +344,30 @@ def _check(fn: Any, soft: Optional[float], hard: Optional[float], on_soft: Any) 
     return is_async
 
 
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> BridgedTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> BridgedTask[P, R]: ...
+
+
 @overload
-def bridged_task(fn: TaskBody[P, R], /) -> BridgedTask[P, R]: ...
+def bridged_task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> BridgedTask[P, R]: ...
+@overload
+def bridged_task(fn: Callable[P, R], /) -> BridgedTask[P, R]: ...
 @overload
 def bridged_task(*, app: Optional[celery.Celery] = ..., soft_timeout: Optional[float] = ...,
                  hard_timeout: Optional[float] = ...,
                  on_soft: Optional[Callable[[SoftContext], Any]] = ...,
-                 **options: Any) -> Callable[[TaskBody[P, R]], BridgedTask[P, R]]: ...
+                 **options: Any) -> _Decorator: ...
 def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
                  soft_timeout: Optional[float] = None, hard_timeout: Optional[float] = None,
                  on_soft: Optional[Callable[[SoftContext], Any]] = None,
                  **options: Any) -> Any:
-    """Register ``fn`` (``async def`` or plain ``def``) as a Celery task.
-
-    Without ``app`` the task is shared, as with ``celery.shared_task``. Every other keyword
-    goes to ``app.task``. ``soft_timeout`` calls ``on_soft(ctx)`` while the task keeps
-    running; ``hard_timeout`` cancels the coroutine and fails the task with HardTimeout.
-    """
+    """Register ``fn`` (``async def`` or plain ``def``) as a Celery task: shared, as with
+    ``celery.shared_task``, unless ``app`` is given; other keywords go to ``app.task``.
+    ``soft_timeout`` calls ``on_soft(ctx)`` while the task goes on; ``hard_timeout`` cancels
+    the coroutine and fails the task with HardTimeout."""
 
     def decorate(body: Any) -> Any:
         is_async = _check(body, soft_timeout, hard_timeout, on_soft)

@@ -278,6 +278,12 @@ async def soft_hook_fails(seconds: float) -> str:
     return "finished"
 
 
+@bridged_task(app=app, soft_timeout=0.2)
+async def soft_without_hook(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "finished"
+
+
 @bridged_task(app=app, bind=True, soft_timeout=0.2, hard_timeout=0.8, on_soft=record_soft)
 async def hard_cancelled(self: celery.Task, n: int) -> None:
     try:
@@ -570,6 +576,13 @@ def test_a_failing_soft_hook_is_logged_and_the_task_goes_on(prefork: Worker) -> 
     result = prefork.send(soft_hook_fails, 0.8)
     assert get(result) == "finished"
     prefork.wait_for(f"hook of {result.id} failed on purpose", timeout=10, start=start)
+
+
+def test_soft_timeout_without_a_hook_is_logged(prefork: Worker) -> None:
+    start = len(prefork.lines)
+    assert get(prefork.send(soft_without_hook, 0.6)) == "finished"
+    prefork.wait_for("soft_without_hook passed soft_timeout=0.2s", timeout=10, start=start)
+    assert "Traceback" not in "\n".join(prefork.lines[start:])
 
 
 def test_hard_timeout_cancels_and_reports_partial(prefork: Worker) -> None:
