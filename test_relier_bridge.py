@@ -68,7 +68,8 @@ class AtomicFilesystemChannel(filesystem.Channel):  # type: ignore[misc]
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         name = f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
-        staging = os.path.join(self.data_folder_out, f".{name}.tmp")  # no reader matches it
+        # No reader may match the staging name: kombu 5.3 takes any name containing the queue's.
+        staging = os.path.join(self.data_folder_out, f".{uuid.uuid4()}.tmp")
         with open(staging, "wb") as message_file:
             message_file.write(ensure_bytes(dumps(payload)))
         os.replace(staging, final)
