@@ -4,39 +4,50 @@
 """Run ``async def`` Celery tasks on one persistent event loop per worker process.
 
 In a worker, coroutines run on the process's *bridge loop*: created in that process and
-driven by a daemon thread, so async clients cached per process stay valid across tasks.
+driven by a daemon thread, so clients made with ``per_loop`` serve task after task.
 Outside a worker (direct call, eager mode) each call gets a *disposable loop*, shut down
-completely before the call returns.
+completely before the call returns. ``await result.aget()`` waits without holding a thread.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import dataclasses
+import enum
 import functools
 import inspect
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, Protocol, TypeVar, overload
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Generic, Optional, Protocol, TypeVar, cast, overload
 
 import celery
+from celery import signals
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import TimeLimitExceeded
-from celery.result import AsyncResult
+from celery.exceptions import TimeoutError as ResultTimeout
+from celery.result import AsyncResult, EagerResult
+from celery.utils.functional import head_from_fun
 
 if TYPE_CHECKING:
     from typing import ParamSpec
 else:  # Python 3.9 has no ParamSpec at run time; only type checkers need the real one.
     ParamSpec = TypeVar
 
-__all__ = ["BridgedTask", "HardTimeout", "SoftContext", "bridged_task", "close_bridge_loop"]
+__all__ = ["BridgedResult", "BridgedTask", "HardTimeout", "SoftContext", "bridged_task",
+           "close_bridge_loop", "per_loop"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 logger = logging.getLogger("relier_bridge")
 
-# How long past hard_timeout a cancelled coroutine may take to finish its finally blocks.
+# How long a cancelled coroutine, or a per_loop value's close, may take to finish.
 CANCEL_GRACE = 1.0
 
 
@@ -46,26 +57,30 @@ class HardTimeout(TimeLimitExceeded):  # type: ignore[misc]
 
     def __init__(self, task_name: str, limit: float, partial: Any = None) -> None:
         super().__init__(task_name, limit, partial)
-        self.task_name, self.limit, self.partial = task_name, limit, partial
+        self.task_name = task_name
+        self.limit = limit
+        self.partial = partial
 
     def __str__(self) -> str:
         return f"task {self.task_name} exceeded hard_timeout={self.limit}s and was cancelled"
 
 
+@dataclasses.dataclass
 class SoftContext:
     """What the ``on_soft`` hook sees of the running task, and where it leaves a partial result."""
 
-    __slots__ = ("task_id", "name", "args", "kwargs", "partial")
-
-    def __init__(self, task_id: Optional[str], name: str, args: Any, kwargs: Any) -> None:
-        self.task_id, self.name, self.args, self.kwargs = task_id, name, args, kwargs
-        self.partial: Any = None
+    task_id: Optional[str]
+    name: str
+    args: Any
+    kwargs: Any
+    partial: Any = None
 
     def set_partial(self, value: Any) -> None:
         self.partial = value
 
 
-class _Limits(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Limits:
     """The timeout policy of one task, validated once at decoration time."""
 
     soft: Optional[float]
@@ -73,106 +88,118 @@ class _Limits(NamedTuple):
     on_soft: Optional[Callable[[SoftContext], Any]]
 
 
-class _Run:
-    """One coroutine's trip over a loop thread: started there, awaited from another thread."""
+class _RunState(enum.Enum):
+    QUEUED = "queued"  # handed to a loop, not started: it may still move to another loop
+    RUNNING = "running"
+    CANCELLED = "cancelled"  # past hard_timeout, or given up by its waiter
 
-    __slots__ = ("coro", "context", "limits", "name", "soft", "owner", "task", "timer",
-                 "started", "hook", "cancel_sent", "settled", "outcome", "error")
+
+class _Run:
+    """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
-                 limits: _Limits, name: str, soft: SoftContext) -> None:
-        self.coro, self.context, self.limits, self.name, self.soft = (
-            coro, context, limits, name, soft)
-        self.owner: Optional[_LoopThread] = None
+                 limits: _Limits, name: str, soft: Optional[SoftContext]) -> None:
+        self.coro = coro
+        self.context = context
+        self.limits = limits
+        self.name = name
+        self.soft = soft
+        self.state = _RunState.QUEUED
+        self.owner: Optional[_Loop] = None
+        self.started = 0.0
         self.task: Optional[asyncio.Task[None]] = None
         self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
-        self.started, self.outcome = 0.0, None
+        self.outcome: Any = None
         self.error: Optional[BaseException] = None
-        self.cancel_sent = False  # set on the loop: proves that the loop was still turning
         self.settled = threading.Lock()
-        self.settled.acquire()  # released once, by the loop, when the outcome is known
+        self.settled.acquire()  # released once, on the loop, when the outcome is known
 
-    def submit(self, owner: _LoopThread) -> _Run:
+    def submit(self, owner: _Loop) -> _Run:
         self.owner = owner
-        owner.loop.call_soon_threadsafe(self._start, context=self.context)
+        owner.queued.add(self)
+        if owner.retired:  # retired since the caller chose it: its queue moves on
+            owner.move_queued()
+        else:
+            owner.call(self._start, owner, context=self.context)
         return self
 
-    def _start(self) -> None:
-        owner = self.owner
-        assert owner is not None
-        if owner.retired and owner.is_bridge:  # the loop was replaced while this was queued
-            self.submit(_bridge())
+    def _start(self, owner: _Loop) -> None:
+        try:
+            owner.queued.remove(self)  # whoever takes a run out of the queue owns its start
+        except KeyError:
             return
+        if self.state is _RunState.CANCELLED:  # given up by its waiter while it moved
+            return
+        owner.running.add(self)
+        self.state = _RunState.RUNNING
+        self.started = time.monotonic()
         # One timer at a time: the soft one arms the hard one. Most runs end before either.
-        self.started = owner.loop.time()
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
         if first is not None:
-            self.timer = owner.loop.call_at(self.started + first, self._on_timer)
+            self.timer = owner.loop.call_later(first, self._on_timer)
         if sys.version_info >= (3, 12):  # a body that never suspends settles in this turn
-            self.task = asyncio.Task(self._settle(), loop=owner.loop, eager_start=True)
+            self.task = asyncio.Task(self._settle(owner), loop=owner.loop, name=self.name,
+                                     eager_start=True)
         else:
-            self.task = owner.loop.create_task(self._settle())
+            self.task = owner.loop.create_task(self._settle(owner), name=self.name)
 
-    async def _settle(self) -> None:
+    async def _settle(self, owner: _Loop) -> None:
         # Settling inside the task's own step saves the loop turn a done callback costs.
         try:
             self.outcome = await self.coro
-        except BaseException as exc:
+        except BaseException as exc:  # SystemExit and the like too: they fail this run only
             self.error = exc
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                raise  # as from any task: out of run_forever, to the loop's driver
         finally:
             if self.timer is not None:
                 self.timer.cancel()
             if self.hook is not None:
                 self.hook.cancel()  # the hook serves a running task only
+            owner.finished(self)
             self.settled.release()
 
     def _on_timer(self) -> None:
-        hard, loop = self.limits.hard, asyncio.get_running_loop()
-        if self.hook is not None or self.limits.soft is None:  # past hard_timeout
+        limits = self.limits
+        if self.hook is not None or self.soft is None:  # past hard_timeout
             self.cancel()
             return
-        self.hook = loop.create_task(self._soft_hook())
-        if hard is not None:
-            self.timer = loop.call_at(self.started + hard, self._on_timer)
+        self.hook = asyncio.ensure_future(self._soft_hook(self.soft))
+        if limits.hard is not None and limits.soft is not None:
+            self.timer = asyncio.get_running_loop().call_later(limits.hard - limits.soft,
+                                                               self._on_timer)
 
-    def cancel(self) -> None:
-        self.cancel_sent = True
-        if self.task is not None:
-            self.task.cancel()
-
-    async def _soft_hook(self) -> None:
+    async def _soft_hook(self, soft: SoftContext) -> None:
         logger.warning("task %s passed soft_timeout=%ss", self.name, self.limits.soft)
         try:
-            result = self.limits.on_soft(self.soft) if self.limits.on_soft else None
+            result = self.limits.on_soft(soft) if self.limits.on_soft else None
             if inspect.isawaitable(result):
                 await result
         except Exception:
             logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
+    def cancel(self) -> None:
+        """On the loop: cancel the run, which stops counting among the loop's running ones."""
+        self.state = _RunState.CANCELLED
+        if self.task is not None:
+            self.task.cancel()
+        assert self.owner is not None
+        self.owner.finished(self)
+
     def wait(self) -> Any:
-        """Block until the run settles and return or raise its outcome; with ``hard_timeout``,
-        at most until ``CANCEL_GRACE`` past it. An exception raised into this thread while it
-        waits (Celery's soft time limit, an interrupt) cancels the coroutine."""
-        hard, owner = self.limits.hard, self.owner
-        assert owner is not None
+        """Block until the run settles and return or raise its outcome. With ``hard_timeout``,
+        give up ``CANCEL_GRACE`` past the limit, counted from the start: a queued run waits
+        for its turn. What is raised into this thread meanwhile (Celery's soft time limit, an
+        interrupt) gives the run up."""
         try:
-            settled = self.settled.acquire(timeout=-1 if hard is None else hard + CANCEL_GRACE)
+            while not self.settled.acquire(timeout=self._left()):
+                if self.state is not _RunState.QUEUED and self._left() == 0:
+                    self._give_up_past_limit()
+                    break
         except BaseException:
-            if not owner.loop.is_closed():
-                owner.loop.call_soon_threadsafe(self.cancel)
+            self.abandon()
             raise
-        if not settled and self.cancel_sent:
-            logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
-                           "running on the loop", self.name, hard)
-        elif not settled:
-            logger.warning("task %s blocked its event loop past hard_timeout=%ss; that loop "
-                           "is retired, the next task gets a fresh one", self.name, hard)
-            owner.retire()
-        if (self.cancel_sent or not settled) and hard is not None:
-            raise HardTimeout(self.name, hard, self.soft.partial)
+        if self.state is _RunState.CANCELLED and self.limits.hard is not None:
+            raise HardTimeout(self.name, self.limits.hard, self.soft and self.soft.partial)
         if self.error is None:
             return self.outcome
         if isinstance(self.error, Exception):
@@ -181,44 +208,116 @@ class _Run:
         # a silent hang for the caller. Here they fail their own task only.
         raise RuntimeError(f"task {self.name} raised {self.error!r}") from self.error
 
+    def _left(self) -> float:
+        """Seconds this run's waiter may still wait: -1 is for ever."""
+        if self.limits.hard is None:
+            return -1
+        limit = self.limits.hard + CANCEL_GRACE
+        if self.state is _RunState.QUEUED:
+            return limit
+        return max(self.started + limit - time.monotonic(), 0.0)
 
-class _LoopThread:
-    """An event loop driven by a daemon thread of the process that created it."""
+    def _give_up_past_limit(self) -> None:
+        owner = self.owner
+        assert owner is not None
+        holder = asyncio.current_task(owner.loop)
+        if holder is not self.task and self.state is _RunState.CANCELLED:
+            logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
+                           "running on the loop", self.name, self.limits.hard)
+        elif owner.retire():  # the cancel never landed: something holds the loop
+            logger.warning("%s blocked its event loop past the hard_timeout=%ss of task %s; the "
+                           "loop is retired: what started there ends there, the rest moves on",
+                           f"task {holder.get_name()}" if holder else "a callback",
+                           self.limits.hard, self.name)
+            owner.move_queued()
+        self.abandon()
 
-    def __init__(self, name: str, is_bridge: bool) -> None:
+    def abandon(self) -> None:
+        """Give the run up: if it has not started it never will, else it is cancelled."""
+        self.state = _RunState.CANCELLED  # seen by _start, should a move hide the run below
+        owner = self.owner
+        assert owner is not None
+        try:
+            owner.queued.remove(self)
+        except KeyError:
+            owner.call(self.cancel)
+
+
+class _Loop:
+    """An event loop and the runs handed to it. A bridge loop is driven by a daemon thread;
+    a disposable loop serves one run, driven by its own thread or by the caller's."""
+
+    def __init__(self, name: str) -> None:
         # Patched, a "thread" is a greenlet on the hub that the waiting worker would block.
-        gevent, eventlet = sys.modules.get("gevent.monkey"), sys.modules.get("eventlet.patcher")
+        gevent = sys.modules.get("gevent.monkey")
+        eventlet = sys.modules.get("eventlet.patcher")
         if (gevent is not None and gevent.is_module_patched("threading")) or (
                 eventlet is not None and eventlet.is_monkey_patched("thread")):
             raise RuntimeError("relier_bridge needs real threads, which gevent or eventlet "
                                "patched: run async tasks in a prefork, solo or threads worker")
-        self.pid, self.is_bridge, self.retired = os.getpid(), is_bridge, False
+        self.name = name
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._drive, name=name, daemon=True)
+        self.queued: set[_Run] = set()  # handed over, not started
+        self.running: set[_Run] = set()  # started, and someone still waits for them
+        self.retired = False  # takes no new runs; stops once none is running
+        self.thread: Optional[threading.Thread] = None
+
+    def start_thread(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self.drive, name=self.name, daemon=True)
         self.thread.start()
+        return self.thread
 
-    def healthy(self) -> bool:
-        # After fork() the child inherits this object, but not the thread behind it.
-        return self.pid == os.getpid() and not self.retired and self.thread.is_alive()
+    def serving(self) -> bool:
+        return not self.retired and self.thread is not None and self.thread.is_alive()
 
-    def retire(self) -> None:
-        """Stop the loop as soon as it is free; it then shuts itself down in order."""
-        self.retired = True
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+    def call(self, callback: Callable[..., Any], *args: Any,
+             context: Optional[contextvars.Context] = None) -> None:
+        """Run ``callback`` on the loop's thread; nothing happens once the loop is closed."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args, context=context)
 
-    def _drive(self) -> None:
-        while not self.retired:  # only retire() ends the loop; a stray stop() is undone
-            try:
-                self.loop.run_forever()
-            except BaseException as exc:  # SystemExit or KeyboardInterrupt from a coroutine
-                logger.error("%r escaped a coroutine on %s; the loop goes on",
-                             exc, self.thread.name)
-        _shut_down(self.loop)
+    def retire(self) -> bool:
+        """Take no new runs and stop once none is left; True if this call retired it."""
+        with _bridge_lock:
+            if self.retired:
+                return False
+            self.retired = True
+        self.call(self.finished)
+        return True
+
+    def move_queued(self) -> None:
+        """Hand the runs that have not started here to the current bridge loop."""
+        while self.queued:
+            with contextlib.suppress(KeyError):  # the loop may take the last one meanwhile
+                self.queued.pop().submit(_bridge())
+
+    def busy(self) -> bool:
+        return bool(self.queued or self.running)
+
+    def finished(self, run: Optional[_Run] = None) -> None:
+        """On the loop: ``run`` is over; a retired loop stops once no run is left."""
+        if run is not None:
+            self.running.discard(run)
+        if self.retired and not self.busy():
+            self.loop.stop()
+
+    def drive(self) -> None:
+        """Turn the loop until it is retired and idle, then shut it down in order. What
+        escapes the loop ends a disposable drive; the bridge thread logs it and goes on."""
+        try:
+            while not self.retired or self.busy():
+                try:
+                    self.loop.run_forever()
+                except BaseException as exc:
+                    if threading.current_thread() is not self.thread:
+                        raise
+                    logger.error("%r escaped a coroutine on %s; the loop goes on", exc, self.name)
+        finally:
+            _shut_down(self.loop)
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
-    """Close ``loop`` as asyncio.run does: cancel tasks, shut down generators and executor."""
+    """Close ``loop`` as asyncio.run does, closing its per_loop values after its tasks."""
     try:
         pending = asyncio.all_tasks(loop)
         for task in pending:
@@ -227,45 +326,211 @@ def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
             _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
             if stuck:
                 logger.warning("ignored cancellation at loop shutdown: %r", stuck)
+        values = _loop_values.pop(loop, None)
+        if values:
+            loop.run_until_complete(_close_values(values))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
     finally:
         loop.close()
 
 
-_bridge_loop: Optional[_LoopThread] = None
+_bridge_loop: Optional[_Loop] = None
 _bridge_lock = threading.Lock()
+
+
+def _forget_bridge_in_child() -> None:
+    global _bridge_loop
+    _bridge_loop = None  # the child inherits the loop object, but not the thread driving it
+    _bridge_lock.release()
+
+
 # Hold the lock across fork() so that no child inherits it locked by a thread it lacks.
 os.register_at_fork(before=_bridge_lock.acquire, after_in_parent=_bridge_lock.release,
-                    after_in_child=_bridge_lock.release)
+                    after_in_child=_forget_bridge_in_child)
 
 
-def _bridge() -> _LoopThread:
-    """Return this process's bridge loop, creating it on first use and after fork or death."""
+def _bridge() -> _Loop:
+    """Return this process's bridge loop, made on first use, after fork or retirement."""
     global _bridge_loop
     bridge = _bridge_loop
-    if bridge is not None and bridge.healthy():
+    if bridge is not None and bridge.serving():
         return bridge
     with _bridge_lock:
-        if _bridge_loop is None or not _bridge_loop.healthy():
-            _bridge_loop = _LoopThread(f"relier-bridge-{os.getpid()}", is_bridge=True)
+        if _bridge_loop is None or not _bridge_loop.serving():
+            _bridge_loop = _Loop(f"relier-bridge-{os.getpid()}")
+            _bridge_loop.start_thread()
         return _bridge_loop
 
 
 def close_bridge_loop(**_: Any) -> None:
     """Shut this process's bridge loop down in order and wait for it (worker shutdown)."""
     bridge = _bridge_loop
-    if bridge is not None and bridge.pid == os.getpid() and bridge.thread.is_alive():
+    if bridge is not None and bridge.serving() and bridge.thread is not None:
         bridge.retire()
         bridge.thread.join(CANCEL_GRACE * 5)
 
 
-celery.signals.worker_process_shutdown.connect(close_bridge_loop, weak=False)
-celery.signals.worker_shutdown.connect(close_bridge_loop, weak=False)
+signals.worker_process_shutdown.connect(close_bridge_loop, weak=False)
+signals.worker_shutdown.connect(close_bridge_loop, weak=False)
+
+
+class per_loop(Generic[T]):
+    """A value made once per event loop, and closed on that loop when relier_bridge ends it.
+
+    ``await res()`` returns the running loop's value, calling ``factory()`` (and awaiting what
+    it returns, if awaitable) on first use there. Concurrent first users share that one call;
+    if it raises, they all get the error and the next call tries again. When a bridge or
+    disposable loop ends, its values are closed on it, newest first: ``close(value)`` if
+    given, else ``value.aclose()``, else ``value.close()``, awaited if awaitable."""
+
+    @overload
+    def __init__(self, factory: Callable[[], Awaitable[T]], *,
+                 close: Optional[Callable[[T], Any]] = None) -> None: ...
+    @overload
+    def __init__(self, factory: Callable[[], T], *,
+                 close: Optional[Callable[[T], Any]] = None) -> None: ...
+    def __init__(self, factory: Callable[[], Any], *,
+                 close: Optional[Callable[[T], Any]] = None) -> None:
+        if not callable(factory):
+            raise TypeError(f"per_loop needs a callable factory, got {factory!r}")
+        if close is not None and not callable(close):
+            raise TypeError(f"per_loop's close must be callable, got {close!r}")
+        self.factory = factory
+        self.close = close
+
+    def __call__(self) -> Awaitable[T]:
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            raise RuntimeError("a per_loop value belongs to an event loop: `await res()` from "
+                               "a coroutine running on one")
+        values = _loop_values.setdefault(loop, {})
+        if self not in values:
+            values[self] = loop.create_task(self._make(values))
+        return asyncio.shield(values[self])  # a cancelled waiter leaves the creation running
+
+    async def _make(self, values: dict[per_loop[Any], asyncio.Task[Any]]) -> T:
+        try:
+            value = self.factory()
+            return cast(T, await value if inspect.isawaitable(value) else value)
+        except BaseException:
+            del values[self]  # the next call tries again
+            raise
+
+
+# Each loop's per_loop values (the tasks that make them), oldest first.
+_loop_values: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[per_loop[Any], asyncio.Task[Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def _close_values(values: dict[per_loop[Any], asyncio.Task[Any]]) -> None:
+    """Close one loop's values, newest first; a close that fails or hangs is logged."""
+    for res, made in reversed(list(values.items())):
+        if made.cancelled() or made.exception() is not None:
+            continue
+        value = made.result()
+        close = getattr(value, "aclose", None) or getattr(value, "close", None)
+        try:
+            closing = res.close(value) if res.close else close() if close else None
+            if inspect.isawaitable(closing):
+                await asyncio.wait_for(closing, CANCEL_GRACE)
+        except asyncio.TimeoutError:
+            logger.warning("closing %r took over %ss; left as it is", value, CANCEL_GRACE)
+        except Exception:
+            logger.exception("closing %r raised", value)
+
+
+class _ResultWatch:
+    """The results of one backend awaited on one loop: one poller reads them all per tick."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.waiters: dict[asyncio.Future[Any], str] = {}
+        self.poller: Optional[asyncio.Task[None]] = None
+
+    async def wait(self, task_id: str, interval: float) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiters[future] = task_id
+        if self.poller is None or self.poller.done():
+            self.poller = asyncio.ensure_future(self._poll(interval))
+        try:
+            meta = await future
+        finally:
+            del self.waiters[future]
+            if not self.waiters and self.poller is not None:  # the last waiter stops it
+                self.poller.cancel()
+        if isinstance(meta, Exception):
+            raise meta
+        return dict(meta)  # a copy: Celery's cache of the result edits it
+
+    async def _poll(self, interval: float) -> None:
+        while self.waiters:
+            await asyncio.sleep(interval)
+            try:
+                ready = await asyncio.to_thread(self._read, set(self.waiters.values()))
+            except Exception as exc:  # a failing backend ends the waits: it never hangs them
+                ready = dict.fromkeys(self.waiters.values(), exc)
+            for future, task_id in self.waiters.items():
+                if task_id in ready and not future.done():
+                    future.set_result(ready[task_id])
+
+    def _read(self, task_ids: set[str]) -> dict[str, Any]:
+        """The finished results among ``task_ids``: one round trip (an mget on Redis)."""
+        return dict(self.backend.get_many(task_ids, interval=0, max_iterations=1))
+
+
+_result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
+
+
+class BridgedResult(AsyncResult):  # type: ignore[misc]
+    """A Celery AsyncResult that async code can await: ``await result.aget()``."""
+
+    async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.1,
+                   propagate: bool = True) -> Any:
+        """Return or raise what ``get()`` would, without blocking the loop or holding a thread
+        while the task runs: every ``interval`` one look-up, in a worker thread, serves every
+        result awaited on this loop. Past ``timeout``: celery.exceptions.TimeoutError."""
+        celery_cache = cast(Any, self)  # Celery's record of a finished result: get() reads it
+        if celery_cache._cache is None:
+            if not isinstance(self.backend, BaseKeyValueStoreBackend):
+                raise RuntimeError(f"aget reads key-value result backends (Redis, files...), "
+                                   f"not {type(self.backend).__name__}: for it, await "
+                                   "asyncio.to_thread(result.get)")
+            watches = await _result_watches()
+            if self.backend not in watches:
+                watches[self.backend] = _ResultWatch(self.backend)
+            try:
+                meta = await asyncio.wait_for(watches[self.backend].wait(self.id, interval),
+                                              timeout)
+            except asyncio.TimeoutError:
+                raise ResultTimeout("The operation timed out.") from None
+            celery_cache._maybe_set_cache(meta)
+        return self.get(propagate=propagate, disable_sync_subtasks=False)
+
+
+class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc]
+    """An eager result, awaitable like the others: its aget returns at once."""
+
 
 # The request of the bridged task whose coroutine runs in this context: Celery keeps its
 # request stack per thread, and the coroutine runs on another thread than the worker's.
 _current_request: contextvars.ContextVar[Any] = contextvars.ContextVar("relier_request")
+
+
+def _inherit_lineage(headers: dict[str, Any], **_: Any) -> None:
+    """Make a task sent while a bridged coroutine runs that task's child, as Celery does for
+    tasks sent from a task's own thread. Explicit ids win."""
+    request = _current_request.get(None)
+    if request is None or request.called_directly:
+        return
+    if not headers.get("root_id"):
+        headers["root_id"] = request.root_id or request.id
+    if not headers.get("parent_id"):
+        headers["parent_id"] = request.id
+
+
+signals.before_task_publish.connect(_inherit_lineage, weak=False)
 
 
 def _refuse_running_loop(call: str) -> None:
@@ -283,29 +548,45 @@ def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
     context = contextvars.copy_context()
     context.run(_current_request.set, request)
     coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
-    soft = SoftContext(request.id, task.name, args, kwargs)
+    soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
     run = _Run(coro, context, limits, task.name, soft)
     if not (request.called_directly or request.is_eager):  # executed by a worker
         return run.submit(_bridge()).wait()
-    owner = _LoopThread(f"relier-disposable-{task.name}", is_bridge=False)
+    owner = _Loop(f"relier-disposable-{task.name}")
+    if limits.hard is None:  # nothing to enforce on a blocked loop: drive it here, as asyncio.run
+        run.submit(owner)
+        owner.retire()
+        owner.drive()
+        return run.wait()
+    thread = owner.start_thread()
     try:
         return run.submit(owner).wait()
     finally:
         owner.retire()
-        owner.thread.join(CANCEL_GRACE * 2)
+        thread.join(CANCEL_GRACE * 2)
 
 
 class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
-    """A Celery task whose body may be ``async def``; adds ``push`` and ``apush``."""
+    """What ``bridged_task`` adds to a Celery task. Celery builds each task class on its app's
+    own Task (or ``base=``), and is handed these attributes as options to add to it."""
 
-    def push(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    def push(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
         """Send the task from synchronous code (``apply_async`` with these arguments)."""
         _refuse_running_loop(f"{self.name}.push()")
-        return self.apply_async(args, kwargs)
+        return cast(BridgedResult, self.apply_async(args, kwargs))
 
-    async def apush(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult:
+    async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
         """Send the task from async code; the blocking broker send runs in a thread."""
-        return await asyncio.to_thread(self.apply_async, args, kwargs)
+        return cast(BridgedResult, await asyncio.to_thread(self.apply_async, args, kwargs))
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult:
+        return BridgedResult(task_id, backend=self.backend, task_name=self.name,
+                             app=self._get_app(), **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> BridgedResult:
+        # Not super(): this function is copied into classes that need not derive from this one.
+        result = celery.Task.apply(self, *args, **kwargs)
+        return _EagerResult(*result.__reduce_args__())
 
     def _bridged_request(self) -> Any:
         request = _current_request.get(None)
@@ -317,6 +598,10 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
 
     if TYPE_CHECKING:
         def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+
+_TASK_ATTRIBUTES = {name: vars(BridgedTask)[name]
+                    for name in ("push", "apush", "AsyncResult", "apply", "request")}
 
 
 def _check(fn: Any, soft: Optional[float], hard: Optional[float], on_soft: Any) -> bool:
@@ -371,28 +656,19 @@ def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
 
     def decorate(body: Any) -> Any:
         is_async = _check(body, soft_timeout, hard_timeout, on_soft)
-        task_options = dict(options)
-        base = task_options.pop("base", None) or (app.Task if app is not None else celery.Task)
-        if not issubclass(base, BridgedTask):
-            base = type(base.__name__, (BridgedTask, base), {"__module__": base.__module__})
-        task_options["base"] = base
         register = app.task if app is not None else celery.shared_task
         if not is_async:
-            return register(**task_options)(body)
-        bound = bool(task_options.get("bind"))
+            return register(**options, **_TASK_ATTRIBUTES)(body)
+        bound = bool(options.get("bind"))
         limits = _Limits(soft_timeout, hard_timeout, on_soft)
 
         @functools.wraps(body)
         def run(task: celery.Task, *args: Any, **kwargs: Any) -> Any:
             return _execute(task, body, args, kwargs, limits, bound)
 
-        # Celery checks call arguments against this signature; it must show the body's.
-        signature = inspect.signature(body)
-        if not bound:
-            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-            signature = signature.replace(parameters=[self_param, *signature.parameters.values()])
-        run.__signature__ = signature  # type: ignore[attr-defined]
-        task_options["bind"] = True
-        return register(**task_options)(run)
+        # Celery reads a task's binding from __header__ (errback style, argument checks): it
+        # must be the body's, not that of this wrapper, which is always bound to the task.
+        header = staticmethod(head_from_fun(body, bound=bound))
+        return register(**{**options, **_TASK_ATTRIBUTES, "bind": True, "__header__": header})(run)
 
     return decorate if fn is None else decorate(fn)

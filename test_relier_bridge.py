@@ -159,13 +159,10 @@ def _parent_runs_a_loop_before_forking(**_: Any) -> None:
 
 
 def _facts() -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
-    bridge = relier_bridge._bridge_loop
-    token = _loop_tokens.setdefault(loop, uuid.uuid4().hex)
-    return {"pid": os.getpid(), "loop": token, "thread": threading.current_thread().name,
-            "daemon": threading.current_thread().daemon,
-            "owner_pid": bridge.pid if bridge is not None and bridge.loop is loop else None,
-            "tag": REQUEST_TAG.get(None)}
+    token = _loop_tokens.setdefault(asyncio.get_running_loop(), uuid.uuid4().hex)
+    thread = threading.current_thread()
+    return {"pid": os.getpid(), "loop": token, "thread": thread.name, "daemon": thread.daemon,
+            "owner_pid": int(thread.name.rsplit("-", 1)[-1]), "tag": REQUEST_TAG.get(None)}
 
 
 @bridged_task(app=app)
