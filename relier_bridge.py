@@ -118,7 +118,7 @@ class _Run:
     def submit(self, owner: _Loop) -> _Run:
         self.owner = owner
         owner.queued.add(self)
-        if owner.retired:  # retired since the caller chose it: its queue moves on
+        if owner.state is not _LoopState.OPEN:  # retired since the caller chose it
             owner.move_queued()
         else:
             owner.call(self._start, owner, context=self.context)
@@ -243,6 +243,12 @@ class _Run:
             owner.call(self.cancel)
 
 
+class _LoopState(enum.Enum):
+    OPEN = "open"  # takes new runs
+    RETIRED = "retired"  # takes none; stops once the runs handed to it are over
+    CLOSING = "closing"  # shutting down: what still ends there no longer stops it
+
+
 class _Loop:
     """An event loop and the runs handed to it. A bridge loop is driven by a daemon thread;
     a disposable loop serves one run, driven by its own thread or by the caller's."""
@@ -259,7 +265,7 @@ class _Loop:
         self.loop = asyncio.new_event_loop()
         self.queued: set[_Run] = set()  # handed over, not started
         self.running: set[_Run] = set()  # started, and someone still waits for them
-        self.retired = False  # takes no new runs; stops once none is running
+        self.state = _LoopState.OPEN
         self.thread: Optional[threading.Thread] = None
 
     def start_thread(self) -> threading.Thread:
@@ -268,7 +274,8 @@ class _Loop:
         return self.thread
 
     def serving(self) -> bool:
-        return not self.retired and self.thread is not None and self.thread.is_alive()
+        return (self.state is _LoopState.OPEN and self.thread is not None
+                and self.thread.is_alive())
 
     def call(self, callback: Callable[..., Any], *args: Any,
              context: Optional[contextvars.Context] = None) -> None:
@@ -279,9 +286,9 @@ class _Loop:
     def retire(self) -> bool:
         """Take no new runs and stop once none is left; True if this call retired it."""
         with _bridge_lock:
-            if self.retired:
+            if self.state is not _LoopState.OPEN:
                 return False
-            self.retired = True
+            self.state = _LoopState.RETIRED
         self.call(self.finished)
         return True
 
@@ -298,14 +305,14 @@ class _Loop:
         """On the loop: ``run`` is over; a retired loop stops once no run is left."""
         if run is not None:
             self.running.discard(run)
-        if self.retired and not self.busy():
+        if self.state is _LoopState.RETIRED and not self.busy():
             self.loop.stop()
 
     def drive(self) -> None:
         """Turn the loop until it is retired and idle, then shut it down in order. What
         escapes the loop ends a disposable drive; the bridge thread logs it and goes on."""
         try:
-            while not self.retired or self.busy():
+            while self.state is _LoopState.OPEN or self.busy():
                 try:
                     self.loop.run_forever()
                 except BaseException as exc:
@@ -313,6 +320,7 @@ class _Loop:
                         raise
                     logger.error("%r escaped a coroutine on %s; the loop goes on", exc, self.name)
         finally:
+            self.state = _LoopState.CLOSING
             _shut_down(self.loop)
 
 

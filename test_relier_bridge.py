@@ -19,6 +19,8 @@ import contextvars
 import gc
 import logging
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,7 @@ import celery
 import pytest
 from celery.backends.filesystem import FilesystemBackend
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 from celery.signals import task_prerun, worker_init
 from kombu.exceptions import EncodeError
@@ -45,7 +48,7 @@ from kombu.utils.encoding import ensure_bytes
 from kombu.utils.json import dumps
 
 import relier_bridge
-from relier_bridge import HardTimeout, SoftContext, bridged_task
+from relier_bridge import HardTimeout, SoftContext, bridged_task, per_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "test_relier_bridge"  # the name workers import this file under
@@ -106,7 +109,17 @@ if EMBEDDED:
     for folder in ("queue", "processed", "control"):
         (DATA_DIR / folder).mkdir(exist_ok=True)
 
-app = celery.Celery(MODULE, broker=BROKER_URL, backend=_result_backend())
+AUDITED: contextvars.ContextVar[str] = contextvars.ContextVar("audited")
+
+
+class AuditTask(celery.Task):  # type: ignore[misc]
+    """The app's own Task base, as teams write one for error reporting or sessions."""
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        AUDITED.set(f"before_start {self.name} {task_id}")
+
+
+app = celery.Celery(MODULE, broker=BROKER_URL, backend=_result_backend(), task_cls=AuditTask)
 app.conf.update(
     broker_transport_options={
         "data_folder_in": str(DATA_DIR / "queue"), "data_folder_out": str(DATA_DIR / "queue"),
@@ -561,7 +574,8 @@ def test_direct_call_uses_a_disposable_loop_closed_completely() -> None:
     assert not leaks
     policy = asyncio.get_event_loop_policy()
     assert getattr(policy._local, "_loop", None) is None, "no loop left set on the thread"
-    assert relier_bridge._bridge_loop is None or relier_bridge._bridge_loop.retired
+    bridge = relier_bridge._bridge_loop
+    assert bridge is None or bridge.state is not relier_bridge._LoopState.OPEN
 
 
 # ---------------------------------------------------------------------------------------
@@ -877,10 +891,11 @@ def test_drill_a_stopped_loop_keeps_serving(solo: Worker) -> None:
 
 def test_drill_dead_bridge_thread_is_replaced() -> None:
     first = relier_bridge._bridge()
-    first.retired = True
+    assert first.thread is not None
+    first.state = relier_bridge._LoopState.RETIRED
     first.loop.call_soon_threadsafe(first.loop.stop)
     first.thread.join(10)
-    first.retired = False  # now only the dead thread gives it away
+    first.state = relier_bridge._LoopState.OPEN  # now only the dead thread gives it away
     assert not first.thread.is_alive()
     sleeper.push_request(called_directly=False, id="after-death", task=sleeper.name)
     try:
@@ -951,6 +966,459 @@ def test_drill_green_thread_pools_are_refused(pool: str) -> None:
         with pytest.raises(RuntimeError, match="real threads"):
             get(result)
         assert get(worker.send(sync_facts))["pid"] == worker.process.pid
+
+
+# ---------------------------------------------------------------------------------------
+# A loop that one task blocks never fails, cancels or times out its neighbours.
+# ---------------------------------------------------------------------------------------
+def count_run(key: str) -> int:
+    """Record one run of a task body under ``key``; return how many runs it has had."""
+    path = DATA_DIR / f"runs-{key}"
+    with path.open("a") as runs:  # O_APPEND: one whole write per run, whatever the process
+        runs.write("x")
+    return len(path.read_text())
+
+
+def runs_of(key: str) -> int:
+    path = DATA_DIR / f"runs-{key}"
+    return len(path.read_text()) if path.exists() else 0
+
+
+@bridged_task(app=app, hard_timeout=10)
+async def innocent_in_flight(key: str, seconds: float) -> str:
+    log.warning("in flight %s", key)
+    await asyncio.sleep(seconds)
+    count_run(key)
+    return _loop_tokens.setdefault(asyncio.get_running_loop(), uuid.uuid4().hex)
+
+
+@bridged_task(app=app, hard_timeout=0.5)
+async def innocent_queued(key: str) -> str:
+    count_run(key)
+    await asyncio.sleep(0.05)
+    return _loop_tokens.setdefault(asyncio.get_running_loop(), uuid.uuid4().hex)
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def blocks_for(key: str, seconds: float) -> None:
+    log.warning("blocking %s", key)
+    time.sleep(seconds)  # noqa: ASYNC251 - hostile on purpose: never yields to the loop
+
+
+def test_a_blocked_loop_moves_queued_runs_and_finishes_started_ones(threads: Worker) -> None:
+    key, start = uuid.uuid4().hex, len(threads.lines)
+    in_flight = threads.send(innocent_in_flight, f"{key}-a", 3.0)
+    threads.wait_for(f"in flight {key}-a", timeout=30, start=start)
+    blocker = threads.send(blocks_for, key, 5.0)
+    threads.wait_for(f"blocking {key}", timeout=30, start=start)
+    blocked_at = time.monotonic()
+    queued = threads.send(innocent_queued, f"{key}-c")
+    # Queued behind the blocked loop for longer than its own hard_timeout=0.5 s: it moves to
+    # a fresh loop when the blocker's limit passes (1 s + grace), long before the loop frees.
+    moved_to = get(queued)
+    assert time.monotonic() - blocked_at < 4.5, "the queued run waited for the loop to free"
+    with pytest.raises(HardTimeout):
+        get(blocker)
+    stayed_on = get(in_flight)
+    assert stayed_on != moved_to, "the started run finished on its own loop, the queued moved"
+    assert runs_of(f"{key}-a") == 1 and runs_of(f"{key}-c") == 1
+    log_lines = "\n".join(threads.lines[start:])
+    assert log_lines.count("blocked its event loop") == 1
+    assert f"task {blocks_for.name} blocked its event loop" in log_lines
+
+
+@bridged_task
+async def fails_on_purpose(message: str) -> None:
+    await asyncio.sleep(0)
+    raise ValueError(message)
+
+
+@bridged_task(app=app)
+async def async_errback(request: Any, exc: BaseException, traceback: Any) -> None:
+    mark(f"errback-{request.id}-{type(exc).__name__}-{traceback is not None}")
+
+
+@bridged_task
+async def audited() -> Optional[str]:
+    return AUDITED.get(None)
+
+
+def wait_for_mark(name: str, timeout: float = 10) -> Optional[float]:
+    deadline = time.monotonic() + timeout
+    while marked(name) is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the mark is written by another process: nothing to wait on
+    return marked(name)
+
+
+def test_async_errback_runs_with_request_exc_and_traceback(prefork: Worker) -> None:
+    start = len(prefork.lines)
+    result = prefork.send(fails_on_purpose, "boom", link_error=async_errback.s())
+    with pytest.raises(ValueError, match="boom"):
+        get(result)
+    assert wait_for_mark(f"errback-{result.id}-ValueError-True") is not None
+    assert "TypeError" not in "\n".join(prefork.lines[start:])
+
+
+def test_shared_task_is_built_on_each_apps_own_task_class(prefork: Worker) -> None:
+    assert isinstance(audited._get_current_object(), AuditTask)
+    result = prefork.send(audited)
+    assert get(result) == f"before_start {audited.name} {result.id}"
+
+
+@bridged_task(app=app, hard_timeout=30)
+async def stress_ok(key: str, pause: float) -> str:
+    count_run(key)
+    await asyncio.sleep(pause)
+    return key
+
+
+@bridged_task(app=app, hard_timeout=0.5)
+async def stress_blocks(key: str) -> None:
+    count_run(key)
+    time.sleep(2)  # noqa: ASYNC251 - hostile on purpose
+
+
+@bridged_task(app=app)
+async def stress_raises(key: str) -> None:
+    count_run(key)
+    raise ValueError(key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_stress_blocked_loops_and_failures_spare_every_other_task() -> None:
+    count = int(os.environ.get("RELIER_STRESS_TASKS", "2000"))
+    kinds = (["block"] * 5 + ["raise"] * 5 + ["ok"] * 90) * (count // 100)
+    rng = random.Random(7)
+    rng.shuffle(kinds)
+    keys = [f"stress-{RUN_ID}-{i}" for i in range(len(kinds))]
+    with running_worker("stress", "threads", 16, "--prefetch-multiplier=20") as worker:
+        sent = [worker.send(stress_blocks, key) if kind == "block" else
+                worker.send(stress_raises, key) if kind == "raise" else
+                worker.send(stress_ok, key, rng.random() / 20) for kind, key in zip(kinds, keys)]
+        outcomes: dict[str, int] = {}
+        for kind, result in zip(kinds, sent):
+            try:
+                result.get(timeout=300, interval=0.05, propagate=True)
+                outcome = f"{kind}: succeeded"
+            except HardTimeout:
+                outcome = f"{kind}: HardTimeout"
+            except ValueError:
+                outcome = f"{kind}: ValueError"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    blocked, failed = kinds.count("block"), kinds.count("raise")
+    assert outcomes == {"ok: succeeded": len(kinds) - blocked - failed,
+                        "block: HardTimeout": blocked, "raise: ValueError": failed}
+    runs = {runs_of(key) for key in keys}
+    assert runs == {1}, "every body ran exactly once"
+
+
+# ---------------------------------------------------------------------------------------
+# per_loop: one value per event loop, closed on that loop when the loop ends.
+# ---------------------------------------------------------------------------------------
+MADE: list[str] = []
+
+
+class LoopValue:
+    """A per_loop value that says which loop made it and which loop closed it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.id = uuid.uuid4().hex
+        self.closed_on: Optional[asyncio.AbstractEventLoop] = None
+        MADE.append(self.id)
+
+    async def aclose(self) -> None:
+        self.closed_on = asyncio.get_running_loop()
+        log.warning("closed %s on its own loop: %s", self.id, self.closed_on is self.loop)
+
+
+async def make_loop_value() -> LoopValue:
+    await asyncio.sleep(0.2)  # slow enough for concurrent first users to pile up
+    return LoopValue()
+
+
+loop_value = per_loop(make_loop_value)
+
+
+@bridged_task(app=app)
+async def use_loop_value() -> dict[str, Any]:
+    value = await loop_value()
+    return {"pid": os.getpid(), "value": value.id, "made": len(MADE)}
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def blocks_after_loop_value(seconds: float) -> None:
+    await loop_value()
+    time.sleep(seconds)  # noqa: ASYNC251 - hostile on purpose
+
+
+@bridged_task(app=app)
+async def loop_value_itself() -> LoopValue:
+    return await loop_value()
+
+
+BAD_LOG = ("Unclosed", "Event loop is closed", "was never awaited", "Task was destroyed",
+           "Traceback")
+
+
+def test_per_loop_makes_one_value_per_child_and_closes_it_there() -> None:
+    with running_worker("perloop", "prefork", 2) as worker:
+        replies = [get(r) for r in [worker.send(use_loop_value) for _ in range(100)]]
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0
+    values = {reply["pid"]: reply["value"] for reply in replies}
+    assert all(reply["value"] == values[reply["pid"]] for reply in replies)
+    assert {reply["made"] for reply in replies} == {1}, "the factory ran once per child"
+    for value in values.values():
+        assert f"closed {value} on its own loop: True" in worker.log
+    for bad in BAD_LOG:
+        assert bad not in worker.log
+
+
+def test_per_loop_concurrent_first_users_share_one_creation() -> None:
+    with running_worker("perloop-threads", "threads", 8) as worker:
+        replies = [get(r) for r in [worker.send(use_loop_value) for _ in range(16)]]
+    assert len({reply["value"] for reply in replies}) == 1
+    assert {reply["made"] for reply in replies} == {1}
+
+
+def test_per_loop_value_of_a_retired_loop_is_closed_once_it_frees(solo: Worker) -> None:
+    before = get(solo.send(use_loop_value))["value"]
+    start = len(solo.lines)
+    with pytest.raises(HardTimeout):
+        get(solo.send(blocks_after_loop_value, 3.0))
+    after = get(solo.send(use_loop_value))["value"]
+    assert after != before, "the fresh loop makes its own value"
+    solo.wait_for(f"closed {before} on its own loop: True", timeout=10, start=start)
+
+
+def test_per_loop_direct_and_eager_calls_make_and_close_within_the_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    direct = loop_value_itself()
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    eager = loop_value_itself.push().get()
+    for value in (direct, eager):
+        assert value.loop.is_closed() and value.closed_on is value.loop
+    assert direct.id != eager.id
+
+
+def _run_in_a_direct_call(body: Any) -> Any:
+    """Run ``body()`` as a bridged task's coroutine called directly, on a disposable loop."""
+    @bridged_task(app=app, name=f"direct-{uuid.uuid4().hex}")
+    async def direct() -> Any:
+        return await body()
+
+    return direct()
+
+
+def test_per_loop_failed_creation_fails_its_waiters_and_the_next_call_retries() -> None:
+    attempts: list[int] = []
+
+    async def flaky() -> str:
+        attempts.append(1)
+        await asyncio.sleep(0.05)
+        if len(attempts) == 1:
+            raise OSError("first attempt fails")
+        return "made"
+
+    res = per_loop(flaky)
+
+    async def body() -> Any:
+        first = await asyncio.gather(res(), res(), return_exceptions=True)
+        return first, await res(), await res()
+
+    first, second, third = _run_in_a_direct_call(body)
+    assert [type(error) for error in first] == [OSError, OSError]
+    assert (second, third, len(attempts)) == ("made", "made", 2)
+
+
+def test_per_loop_cancelled_waiter_leaves_the_creation_running() -> None:
+    async def body() -> Any:
+        waiter = asyncio.ensure_future(loop_value())
+        await asyncio.sleep(0.05)  # the creation is under way (it takes 0.2 s)
+        waiter.cancel()
+        made_before = len(MADE)
+        value = await loop_value()
+        return waiter.cancelled(), len(MADE) - made_before, value
+
+    cancelled, made_after_cancel, value = _run_in_a_direct_call(body)
+    assert cancelled and made_after_cancel == 1 and value.closed_on is value.loop
+
+
+def test_per_loop_closes_newest_first_and_logs_bad_closes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    closed: list[str] = []
+
+    def close_good(value: str) -> None:
+        closed.append(value)
+
+    async def close_raises(value: str) -> None:
+        closed.append(value)
+        raise RuntimeError("close failed on purpose")
+
+    async def close_hangs(value: str) -> None:
+        closed.append(value)
+        await asyncio.sleep(3600)
+
+    async def make(name: str) -> str:
+        return name
+
+    good = per_loop(lambda: make("good"), close=close_good)
+    raises = per_loop(lambda: make("raises"), close=close_raises)
+    hangs = per_loop(lambda: make("hangs"), close=close_hangs)
+
+    async def body() -> list[str]:
+        return [await good(), await raises(), await hangs()]
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="relier_bridge"):
+        assert _run_in_a_direct_call(body) == ["good", "raises", "hangs"]
+    assert closed == ["hangs", "raises", "good"], "newest first, and every one tried"
+    assert time.monotonic() - started < relier_bridge.CANCEL_GRACE + 2
+    assert "closing 'hangs' took over" in caplog.text
+    assert "closing 'raises' raised" in caplog.text
+
+
+def test_per_loop_refuses_bad_use() -> None:
+    with pytest.raises(RuntimeError, match="belongs to an event loop"):
+        loop_value()
+    with pytest.raises(TypeError, match="callable factory"):
+        per_loop(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="close must be callable"):
+        per_loop(make_loop_value, close="aclose")  # type: ignore[call-overload]
+
+
+def test_per_loop_is_typed_by_its_factory(tmp_path: Path) -> None:
+    mypy = pytest.importorskip("mypy.api")
+    snippet = tmp_path / "uses_per_loop.py"
+    snippet.write_text(
+        "from relier_bridge import per_loop\n"
+        "async def make_number() -> int:\n    return 1\n"
+        "def make_text() -> str:\n    return ''\n"
+        "numbers = per_loop(make_number)\n"
+        "texts = per_loop(make_text)\n"
+        "async def main() -> None:\n"
+        "    reveal_type(await numbers())\n"
+        "    reveal_type(await texts())\n")
+    out, _, _ = mypy.run(["--strict", "--ignore-missing-imports", "--follow-imports=silent",
+                          "--no-incremental", "--config-file=", str(snippet)])
+    assert re.search(r'Revealed type is "(builtins\.)?int"', out), out
+    assert re.search(r'Revealed type is "(builtins\.)?str"', out), out
+
+
+# ---------------------------------------------------------------------------------------
+# Lineage of tasks sent from a coroutine; aget waits without holding a thread.
+# ---------------------------------------------------------------------------------------
+@bridged_task(app=app, bind=True)
+async def lineage_leaf(self: celery.Task) -> dict[str, Any]:
+    await asyncio.sleep(0)
+    return {"id": self.request.id, "parent_id": self.request.parent_id,
+            "root_id": self.request.root_id}
+
+
+@bridged_task(app=app, bind=True)
+async def lineage(self: celery.Task, depth: int) -> dict[str, Any]:
+    seen = {"id": self.request.id, "parent_id": self.request.parent_id,
+            "root_id": self.request.root_id}
+    if depth > 0:
+        by_apush = await lineage.apush(depth - 1)
+        by_delay = lineage.delay(depth - 1)  # a blocking send on the loop, as teams write it
+        chained = celery.chain(lineage_leaf.s(), lineage_leaf.s()).apply_async()
+        explicit = lineage_leaf.apply_async(parent_id="explicit-parent", root_id="explicit-root")
+        seen["sent"] = {"apush": by_apush.id, "delay": by_delay.id, "chain": chained.id,
+                        "chain_first": chained.parent.id, "explicit": explicit.id}
+    return seen
+
+
+def send_from_hook(ctx: SoftContext) -> None:
+    lineage_leaf.apply_async(task_id=f"hook-child-{ctx.task_id}")
+
+
+@bridged_task(app=app, soft_timeout=0.1, hard_timeout=10, on_soft=send_from_hook)
+async def sends_from_its_soft_hook() -> None:
+    await asyncio.sleep(0.5)
+
+
+def test_tasks_sent_from_a_coroutine_keep_parent_and_root(prefork: Worker) -> None:
+    root = prefork.send(lineage, 1)
+    seen = get(root)
+    assert seen["parent_id"] is None and seen["root_id"] == root.id, "a root stays a root"
+    sent = seen["sent"]
+    for how in ("apush", "delay"):
+        child = get(app.AsyncResult(sent[how]))
+        assert (child["parent_id"], child["root_id"]) == (root.id, root.id), how
+        for grandchild in child["sent"].values():
+            if grandchild != child["sent"]["explicit"]:
+                assert get(app.AsyncResult(grandchild))["root_id"] == root.id
+    first = get(app.AsyncResult(sent["chain_first"]))
+    second = get(app.AsyncResult(sent["chain"]))
+    assert (first["parent_id"], first["root_id"]) == (root.id, root.id)
+    assert (second["parent_id"], second["root_id"]) == (first["id"], root.id)
+    explicit = get(app.AsyncResult(sent["explicit"]))
+    assert (explicit["parent_id"], explicit["root_id"]) == ("explicit-parent", "explicit-root")
+    hooked = prefork.send(sends_from_its_soft_hook)
+    get(hooked)
+    child = get(app.AsyncResult(f"hook-child-{hooked.id}"))
+    assert (child["parent_id"], child["root_id"]) == (hooked.id, hooked.id)
+
+
+def test_aget_returns_raises_and_times_out_like_get(prefork: Worker) -> None:
+    async def main() -> None:
+        assert await prefork.send(add, 2, 3).aget(timeout=30) == 5
+        failing = prefork.send(fails_on_purpose, "aget sees it")
+        with pytest.raises(ValueError, match="aget sees it"):
+            await failing.aget(timeout=30)
+        assert isinstance(await failing.aget(timeout=30, propagate=False), ValueError)
+        with pytest.raises(ResultTimeout):
+            await add.AsyncResult(uuid.uuid4().hex).aget(timeout=0.3)
+        assert await (await add.apush(4, 5)).aget(timeout=30) == 9
+
+    asyncio.run(main())
+
+
+def test_cancelled_aget_leaves_nothing_behind() -> None:
+    async def main() -> None:
+        never = add.AsyncResult(uuid.uuid4().hex)
+        waiter = asyncio.ensure_future(never.aget(interval=0.02))
+        await asyncio.sleep(0.2)  # several look-ups have run
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.sleep(0)  # the poller's own cancellation lands
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    threads_before = threading.active_count()
+    asyncio.run(main())
+    assert threading.active_count() == threads_before
+
+
+def test_aget_in_eager_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+
+    async def main() -> Any:
+        return await (await add.apush(3, 4)).aget()
+
+    assert asyncio.run(main()) == 7
+
+
+@pytest.mark.timeout(180)
+def test_aget_holds_no_thread_while_it_waits() -> None:
+    with running_worker("aget", "threads", 50) as worker:
+        async def main() -> float:
+            long = [worker.send(sleeper, 3.0) for _ in range(40)]
+            long_waits = [asyncio.ensure_future(r.aget(timeout=60, interval=0.05)) for r in long]
+            await asyncio.sleep(0.1)  # the 40 long waits have begun
+            sent = time.monotonic()
+            short = [worker.send(sleeper, 0.2) for _ in range(10)]
+            assert await asyncio.gather(*(r.aget(timeout=60, interval=0.05) for r in short)) \
+                == [0.2] * 10
+            took = time.monotonic() - sent
+            assert await asyncio.gather(*long_waits) == [3.0] * 40
+            return took
+
+        took = asyncio.run(main())
+    assert took < 2.0, f"the short tasks' results took {took:.2f} s: they queued behind others"
 
 
 # ---------------------------------------------------------------------------------------
