@@ -532,7 +532,7 @@ def _inherit_lineage(headers: dict[str, Any], **_: Any) -> None:
     request = _current_request.get(None)
     if request is None or request.called_directly:
         return
-    if not headers.get("root_id"):
+    if headers.get("root_id") in (None, headers.get("id")):  # Celery's default: its own id
         headers["root_id"] = request.root_id or request.id
     if not headers.get("parent_id"):
         headers["parent_id"] = request.id

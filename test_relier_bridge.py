@@ -1324,7 +1324,7 @@ async def lineage(self: celery.Task, depth: int) -> dict[str, Any]:
     if depth > 0:
         by_apush = await lineage.apush(depth - 1)
         by_delay = lineage.delay(depth - 1)  # a blocking send on the loop, as teams write it
-        chained = celery.chain(lineage_leaf.s(), lineage_leaf.s()).apply_async()
+        chained = celery.chain(lineage_leaf.si(), lineage_leaf.si()).apply_async()
         explicit = lineage_leaf.apply_async(parent_id="explicit-parent", root_id="explicit-root")
         seen["sent"] = {"apush": by_apush.id, "delay": by_delay.id, "chain": chained.id,
                         "chain_first": chained.parent.id, "explicit": explicit.id}
@@ -1341,7 +1341,7 @@ async def sends_from_its_soft_hook() -> None:
 
 
 def test_tasks_sent_from_a_coroutine_keep_parent_and_root(prefork: Worker) -> None:
-    root = prefork.send(lineage, 1)
+    root = prefork.send(lineage, 2)
     seen = get(root)
     assert seen["parent_id"] is None and seen["root_id"] == root.id, "a root stays a root"
     sent = seen["sent"]
