@@ -1023,6 +1023,8 @@ def test_a_blocked_loop_moves_queued_runs_and_finishes_started_ones(threads: Wor
     assert stayed_on != moved_to, "the started run finished on its own loop, the queued moved"
     assert runs_of(f"{key}-a") == 1 and runs_of(f"{key}-c") == 1
     log_lines = "\n".join(threads.lines[start:])
+    for bad in ("Exception in callback", "exception was never retrieved", "never awaited"):
+        assert bad not in log_lines, "a moved run was started twice"
     assert log_lines.count("blocked its event loop") == 1
     assert f"task {blocks_for.name} blocked its event loop" in log_lines
 
