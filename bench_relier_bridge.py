@@ -4,15 +4,20 @@ Needs Linux (it reads /proc and pins threads to a CPU), the ``bench`` extra (asg
 anyio, redis) and a Redis server at ``$RELIER_BENCH_REDIS`` (default
 redis://127.0.0.1:6379/3; the run keeps its queues, results and one key in that database)::
 
-    python bench_relier_bridge.py            # full run, about 3 to 4 minutes
-    python bench_relier_bridge.py --quick    # smoke run with tiny N, well under a minute
-    python bench_relier_bridge.py --parts 1,5
+    python bench_relier_bridge.py            # full run, about 4 to 5 minutes
+    python bench_relier_bridge.py --quick    # smoke run with tiny N, under a minute
+    python bench_relier_bridge.py --parts 1,6
+
+The bridge is measured through its public behaviour only. Inside a worker, a call is made
+the way the worker's tracer makes it: ``push_request(called_directly=False, ...)``, then
+``task.run()``, then ``pop_request()``; a probe task reports the thread it ran on (the
+bridge's is named ``relier-bridge-<pid>``), its request and a context variable.
 
 Every comparison is measured side by side in the same run: each round runs every contender
 once, in an order rotated from round to round, and the table shows each contender's median
 over the rounds. A ratio is the median over rounds of (contender / baseline) within the
 same round, so slow drifts in the machine's load cancel out. Targets are reported as
-pass/miss; a miss never fails the run.
+pass/miss with the spread of the per-round ratios; a miss never fails the run.
 
 This file is also the Celery app that the benchmark's workers load (``celery -A
 bench_relier_bridge``): the tasks are defined at import time, and ``main`` runs only when
@@ -22,27 +27,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import gc
 import json
 import logging
 import os
 import platform
+import random
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import anyio
 import anyio.from_thread
 import celery
 import redis
@@ -50,8 +58,7 @@ import redis.asyncio
 from asgiref.sync import async_to_sync
 from celery import Celery, group
 
-import relier_bridge
-from relier_bridge import SoftContext, bridged_task
+from relier_bridge import SoftContext, bridged_task, close_bridge_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "bench_relier_bridge"  # the name the workers import this file under
@@ -64,12 +71,16 @@ IO_SLEEP_S = 0.05  # the "I/O" of the concurrency benchmark
 E2E_QUEUE = "relier_bench.prefork"
 THREADS_QUEUE = "relier_bench.threads"
 PREFORK_IO_QUEUE = "relier_bench.prefork_io"
+AGET_QUEUE = "relier_bench.aget"
 
 app = Celery(MODULE, broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     result_expires=600,  # the run reads every result within seconds; let Redis drop them
 )
+# Eager mode for part 1's eager calls: an app of its own, so the workers' app is untouched.
+eager_app = Celery(f"{MODULE}_eager", set_as_current=False)
+eager_app.conf.task_always_eager = True
 
 # The workers run at INFO so that they print their "ready." line, but two log lines per task
 # ("received", "succeeded") would put log formatting into every throughput figure. The
@@ -101,10 +112,14 @@ async def bridged_trivial_timed() -> int:
     return 1
 
 
-@bridged_task(app=app, name="bench.bridged_running_loop")
-async def bridged_running_loop() -> asyncio.AbstractEventLoop:
-    """Probe: the loop a bridged coroutine runs on (called in-process only)."""
-    return asyncio.get_running_loop()
+probe_var: contextvars.ContextVar[str] = contextvars.ContextVar("bench_probe", default="")
+
+
+@bridged_task(app=app, name="bench.bridged_probe", bind=True)
+async def bridged_probe(self: celery.Task) -> tuple[str, int, Optional[str], str]:
+    """Where and with what a bridged coroutine runs: thread name and id, request id, var."""
+    thread = threading.current_thread()
+    return thread.name, thread.ident or 0, self.request.id, probe_var.get()
 
 
 @app.task(name="bench.sync_trivial")
@@ -114,6 +129,16 @@ def sync_trivial() -> int:
 
 @app.task(name="bench.asyncio_run_trivial")
 def asyncio_run_trivial() -> int:
+    return asyncio.run(trivial())
+
+
+@bridged_task(app=eager_app, name="bench.eager_bridged_trivial")
+async def eager_bridged_trivial() -> int:
+    return 1
+
+
+@eager_app.task(name="bench.eager_asyncio_run_trivial")
+def eager_asyncio_run_trivial() -> int:
     return asyncio.run(trivial())
 
 
@@ -155,23 +180,36 @@ async def bridged_io_sleep() -> int:
     return 1
 
 
+@bridged_task(app=app, name="bench.ends_at")
+async def ends_at(pause: float) -> float:
+    """Part 6: returns the wall-clock time at which it ends."""
+    await asyncio.sleep(pause)
+    return time.time()
+
+
 # --- measuring and reporting -------------------------------------------------------------
 
 @dataclass
 class Settings:
     rounds: int  # interleaved rounds per comparison with workers (plus a warm-up round)
+    e2e_rounds: int  # the same for part 2, whose target (0.97x) asks for a tighter median
     call_rounds: int  # the same for part 1, whose rounds take well under a second
     calls_per_sample: int  # part 1: calls timed together, to rise above timer resolution
     e2e_tasks: int  # parts 2 and 3: tasks per round
     io_tasks_threads: int  # part 4: tasks per round, sized so that a round lasts 1 to 3 s
     io_tasks_prefork: int
     rss_probes: int  # part 5: fresh processes measured
+    waiters: int  # part 6: concurrent waits per round, on tasks ending within `wait_window`
+    wait_window: float
+    wait_rounds: int
 
 
-FULL = Settings(rounds=15, call_rounds=31, calls_per_sample=300, e2e_tasks=500,
-                io_tasks_threads=1000, io_tasks_prefork=100, rss_probes=7)
-QUICK = Settings(rounds=3, call_rounds=3, calls_per_sample=100, e2e_tasks=100,
-                 io_tasks_threads=200, io_tasks_prefork=20, rss_probes=2)
+FULL = Settings(rounds=9, e2e_rounds=15, call_rounds=21, calls_per_sample=100, e2e_tasks=300,
+                io_tasks_threads=500, io_tasks_prefork=50, rss_probes=5,
+                waiters=1000, wait_window=5.0, wait_rounds=2)
+QUICK = Settings(rounds=3, e2e_rounds=3, call_rounds=3, calls_per_sample=50, e2e_tasks=100,
+                 io_tasks_threads=200, io_tasks_prefork=20, rss_probes=2,
+                 waiters=100, wait_window=1.0, wait_rounds=1)
 
 # contender -> one value per round; the lists are aligned, index i is round i.
 Samples = dict[str, list[float]]
@@ -203,10 +241,8 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return median, p25, p75
 
 
-def paired_ratio(samples: Samples, name: str, baseline: str) -> float:
-    """Median over rounds of name / baseline, each pair measured in the same round."""
-    return statistics.median(value / base
-                             for value, base in zip(samples[name], samples[baseline]))
+def per_round_ratios(samples: Samples, name: str, baseline: str) -> list[float]:
+    return [value / base for value, base in zip(samples[name], samples[baseline])]
 
 
 @dataclass
@@ -230,9 +266,13 @@ class Section:
 @dataclass
 class Target:
     label: str
-    measured: float  # a ratio
+    ratios: list[float]  # one per round, contender / baseline
     goal: float
-    at_least: bool  # True: passes when measured >= goal; False: when measured <= goal
+    at_least: bool  # True: passes when the median ratio >= goal; False: when <= goal
+
+    @property
+    def measured(self) -> float:
+        return statistics.median(self.ratios)
 
     @property
     def passed(self) -> bool:
@@ -241,83 +281,48 @@ class Target:
 
 def rows_from(samples: Samples, unit: str, baseline: str,
               notes: Optional[dict[str, str]] = None) -> list[Row]:
-    rows = []
-    for name, values in samples.items():
-        median, p25, p75 = quartiles(values)
-        rows.append(Row(name, median, p25, p75, unit, paired_ratio(samples, name, baseline),
-                        (notes or {}).get(name, "")))
-    return rows
+    return [Row(name, *quartiles(values), unit,
+                statistics.median(per_round_ratios(samples, name, baseline)),
+                (notes or {}).get(name, ""))
+            for name, values in samples.items()]
+
+
+def target(label: str, samples: Samples, name: str, baseline: str, goal: float,
+           at_least: bool) -> Target:
+    return Target(label, per_round_ratios(samples, name, baseline), goal, at_least)
 
 
 def print_section(section: Section) -> None:
+    print(f"\n{section.title}")
     if not section.rows:
         return
-    print(f"\n{section.title}")
-    print(f"  {'contender':<42} {'median':>9} {'unit':<8} {'p25..p75':>16} "
+    print(f"  {'contender':<46} {'median':>9} {'unit':<8} {'p25..p75':>16} "
           f"{section.ratio_header:>13}  note")
     for row in section.rows:
         ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
         iqr = f"{row.p25:.1f}..{row.p75:.1f}" if row.p25 != row.p75 else ""
-        print(f"  {row.label:<42} {row.median:>9.1f} {row.unit:<8} {iqr:>16} {ratio:>13}  "
+        print(f"  {row.label:<46} {row.median:>9.1f} {row.unit:<8} {iqr:>16} {ratio:>13}  "
               f"{row.note}".rstrip())
 
 
 def print_targets(targets: list[Target]) -> None:
-    if not targets:
-        return
-    print("\ntargets (ratios as in the table; a miss does not fail the run)")
-    print(f"  {'target':<48} {'measured':>9} {'goal':>8}  result")
-    for target in targets:
-        goal = f"{'>=' if target.at_least else '<='}{target.goal:.2f}x"
-        print(f"  {target.label:<48} {target.measured:>8.3f}x {goal:>8}  "
-              f"{'pass' if target.passed else 'MISS'}")
+    print("\ntargets (median of the per-round ratios, with their p25..p75 and min..max; "
+          "a miss does not fail the run)")
+    print(f"  {'target':<56} {'measured':>9} {'goal':>8}  {'rounds p25..p75 (min..max)':<28}"
+          " result")
+    for tgt in targets:
+        goal = f"{'>=' if tgt.at_least else '<='}{tgt.goal:.2f}x"
+        _, p25, p75 = quartiles(tgt.ratios)
+        spread = f"{p25:.3f}..{p75:.3f} ({min(tgt.ratios):.2f}..{max(tgt.ratios):.2f})"
+        print(f"  {tgt.label:<56} {tgt.measured:>8.3f}x {goal:>8}  {spread:<28} "
+              f"{'pass' if tgt.passed else 'MISS'}")
 
 
 # --- part 1: per-call overhead in one process --------------------------------------------
 
-PING_PONG = "bare thread ping-pong (2 locks)"
-BRIDGE = "relier_bridge"
-BRIDGE_TIMED = "relier_bridge, timeouts armed"
-PER_CALL_NOTES = {
-    PING_PONG: "no coroutine at all: the limit",
-    BRIDGE: "task.run under a worker request",
-    BRIDGE_TIMED: "soft 30 s, hard 60 s, on_soft hook",
-}
-
-
-class LockPingPong:
-    """Two threads handing a call over and back through two locks: the floor of a hop."""
-
-    def __init__(self) -> None:
-        self._request, self._reply = threading.Lock(), threading.Lock()
-        self._request.acquire()
-        self._reply.acquire()
-        self._value = 0
-        self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name="bench-ping-pong", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            self._request.acquire()
-            if self._stopping:
-                return
-            self._value = 1
-            self._reply.release()
-
-    def call(self) -> int:
-        self._request.release()
-        self._reply.acquire()
-        return self._value
-
-    def close(self) -> None:
-        self._stopping = True
-        self._request.release()
-        self._thread.join()
-
-
-class PersistentLoop:
-    """A plain event loop in a daemon thread, fed with asyncio.run_coroutine_threadsafe."""
+class LoopThread:
+    """A plain event loop run by a daemon thread: the floor of a hop, and a host for
+    run_coroutine_threadsafe."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -325,7 +330,28 @@ class PersistentLoop:
                                         daemon=True)
         self._thread.start()
 
-    def call(self) -> int:
+    def hop(self) -> int:
+        """The floor: one callback onto the running loop, which releases a lock back."""
+        done = threading.Lock()
+        done.acquire()
+        self.loop.call_soon_threadsafe(done.release)
+        done.acquire()
+        return 1
+
+    def hop_task(self) -> int:
+        """The floor plus what running a coroutine takes: a Task created on the loop (which
+        first steps it on the loop's next turn before Python 3.12's eager tasks)."""
+        done = threading.Lock()
+        done.acquire()
+
+        async def release() -> None:
+            done.release()
+
+        self.loop.call_soon_threadsafe(self.loop.create_task, release())
+        done.acquire()
+        return 1
+
+    def run_coroutine(self) -> int:
         return asyncio.run_coroutine_threadsafe(trivial(), self.loop).result()
 
     def close(self) -> None:
@@ -334,110 +360,181 @@ class PersistentLoop:
         self.loop.close()
 
 
-@contextmanager
-def as_worker_executes(task: celery.Task) -> Iterator[Callable[[], Any]]:
-    """Yield a call of ``task``'s body as a worker's tracer makes it.
+def push_worker_request(task: celery.Task, task_id: str = "bench-call") -> None:
+    """Push a request as a worker's tracer does before it calls ``task.run``:
+    ``called_directly=False`` is what sends relier_bridge to its bridge loop."""
+    task.push_request(id=task_id, task=task.name, args=(), kwargs={}, called_directly=False,
+                      is_eager=False, delivery_info={})
 
-    The tracer pushes the message's request (``called_directly=False``) and calls
-    ``task.run``; that request is what sends relier_bridge to the persistent bridge loop
-    instead of a disposable one. The push happens once per batch, not per call: it is
-    Celery's cost, the same for every task, and would blur the bridge's own.
-    """
-    task.push_request(id=str(uuid.uuid4()), task=task.name, args=(), kwargs={},
-                      called_directly=False, is_eager=False, delivery_info={})
+
+def as_tracer_calls(task: celery.Task, task_id: str = "bench-call") -> Callable[[], Any]:
+    """A call of ``task`` as a worker's tracer makes it: push the request, call
+    ``task.run``, pop the request."""
+
+    def call() -> Any:
+        push_worker_request(task, task_id)
+        try:
+            return task.run()
+        finally:
+            task.pop_request()
+
+    return call
+
+
+def probe_bridge() -> int:
+    """Check, through a probe task, that a tracer-made call runs on the bridge thread with
+    the request and the caller's context variables; return that thread's id."""
+    token = probe_var.set("carried")
     try:
-        yield task.run
+        name, ident, request_id, var = as_tracer_calls(bridged_probe, "probe-id")()
     finally:
-        task.pop_request()
+        probe_var.reset(token)
+    if not name.startswith("relier-bridge-") or (request_id, var) != ("probe-id", "carried"):
+        raise RuntimeError(f"a tracer-made call ran on {name!r} with request id "
+                           f"{request_id!r} and context variable {var!r}")
+    return ident
 
 
-def check_bridge_path() -> relier_bridge._LoopThread:
-    """Prove that the timed calls take the bridge loop, not a disposable loop per call."""
-    stale = relier_bridge._bridge_loop  # closed after each pass, so never healthy here
-    if stale is not None and stale.healthy():
-        raise RuntimeError("a bridge loop is running before the first bridged call")
-    with as_worker_executes(bridged_trivial) as call:
-        call()
-    bridge = relier_bridge._bridge_loop
-    if bridge is None or not bridge.healthy():
-        raise RuntimeError("a bridged call made as a worker makes it created no bridge loop")
-    with as_worker_executes(bridged_running_loop) as call:
-        if call() is not bridge.loop:
-            raise RuntimeError("a bridged coroutine did not run on relier_bridge._bridge_loop")
-    return bridge
-
-
-def us_per_call(call: Callable[[], object], calls: int) -> Callable[[], float]:
-    """A contender that times ``calls`` calls of ``call``; returns microseconds per call."""
+def us_per_call(call: Callable[[], object], calls: int,
+                under: Optional[celery.Task] = None) -> Callable[[], float]:
+    """A contender that times ``calls`` calls of ``call``; returns microseconds per call.
+    With ``under``, the calls run under one worker request of that task, pushed per sample."""
 
     def sample() -> float:
-        started = time.perf_counter()
-        for _ in range(calls):
-            call()
-        return (time.perf_counter() - started) / calls * 1e6
+        if under is not None:
+            push_worker_request(under)
+        try:
+            started = time.perf_counter()
+            for _ in range(calls):
+                call()
+            return (time.perf_counter() - started) / calls * 1e6
+        finally:
+            if under is not None:
+                under.pop_request()
 
     return sample
 
 
-def per_call_overhead(settings: Settings, cpu: Optional[int]) -> Samples:
-    """Time every contender in this process; with ``cpu``, all their threads are pinned to it.
+@contextmanager
+def pinned(cpu: Optional[int]) -> Iterator[None]:
+    """Pin this thread, and so every thread it starts, to ``cpu`` (None: leave it free).
 
-    Threads inherit the CPU affinity of the thread that starts them, so pinning this one
-    before any contender exists pins them all. Pinned, a hand-off between two threads costs
-    the same every time; free, it depends on whether the scheduler wakes the other thread
-    on the same CPU or on an idle one (which, in a VM, may first have to wake its vCPU).
+    Pinned, a hand-off between two threads costs the same every time; free, it depends on
+    whether the scheduler wakes the other thread on the same CPU or on an idle one (which,
+    in a VM, may first have to wake its vCPU).
     """
     all_cpus = os.sched_getaffinity(0)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     try:
-        return time_contenders(settings)
+        yield
     finally:
         os.sched_setaffinity(0, all_cpus)
 
 
-def time_contenders(settings: Settings) -> Samples:
-    bridge = check_bridge_path()
-    ping_pong = LockPingPong()
-    persistent_loop = PersistentLoop()
-    asgiref_call = async_to_sync(trivial)  # wrapped once, as a decorator would
+HOP = "loop hop: call_soon_threadsafe + lock back"
+BRIDGE = "relier_bridge, task.run()"
+BRIDGE_TIMED = "relier_bridge, task.run(), timeouts armed"
+PER_TASK = "relier_bridge, push_request + run + pop"
+HOP_TASK = "  loop hop + a Task for the coroutine"
+
+
+def in_worker_calls(settings: Settings, cpu: Optional[int]) -> tuple[Section, list[Target]]:
+    """Part 1a/1b: the bridge's hop against the floor and the alternatives, in one process."""
     calls = settings.calls_per_sample
-    try:
-        with anyio.from_thread.start_blocking_portal() as portal, \
-                as_worker_executes(bridged_trivial) as bridge_call, \
-                as_worker_executes(bridged_trivial_timed) as timed_bridge_call:
-            samples = interleaved({
-                PING_PONG: us_per_call(ping_pong.call, calls),
-                BRIDGE: us_per_call(bridge_call, calls),
-                BRIDGE_TIMED: us_per_call(timed_bridge_call, calls),
-                "run_coroutine_threadsafe, loop thread": us_per_call(persistent_loop.call,
-                                                                     calls),
-                "asyncio.run per call": us_per_call(lambda: asyncio.run(trivial()), calls),
-                "asgiref async_to_sync": us_per_call(asgiref_call, calls),
-                "anyio blocking portal": us_per_call(lambda: portal.call(trivial), calls),
-            }, settings.call_rounds)
-    finally:
-        persistent_loop.close()
-        ping_pong.close()
-    if relier_bridge._bridge_loop is not bridge:
-        raise RuntimeError("the bridge loop was replaced during the benchmark")
-    relier_bridge.close_bridge_loop()  # the next pass starts a bridge with its own affinity
-    return samples
-
-
-def per_call_report(samples: Samples, title: str, tag: str) -> tuple[Section, list[Target]]:
-    section = Section(title, rows_from(samples, "us/call", PING_PONG, PER_CALL_NOTES),
-                      "vs ping-pong")
-    targets = [
-        Target(f"bridge round trip / bare ping-pong ({tag})",
-               paired_ratio(samples, BRIDGE, PING_PONG), 1.3, at_least=False),
-        Target(f"timeouts armed / bridge ({tag})",
-               paired_ratio(samples, BRIDGE_TIMED, BRIDGE), 1.10, at_least=False),
+    with pinned(cpu):
+        close_bridge_loop()  # the next call starts a bridge thread with this affinity
+        bridge_thread = probe_bridge()
+        loop_thread = LoopThread()
+        try:
+            with anyio.from_thread.start_blocking_portal() as portal:
+                samples = interleaved({
+                    HOP: us_per_call(loop_thread.hop, calls),
+                    HOP_TASK: us_per_call(loop_thread.hop_task, calls),
+                    BRIDGE: us_per_call(bridged_trivial.run, calls, under=bridged_trivial),
+                    BRIDGE_TIMED: us_per_call(bridged_trivial_timed.run, calls,
+                                              under=bridged_trivial_timed),
+                    PER_TASK: us_per_call(as_tracer_calls(bridged_trivial), calls),
+                    "run_coroutine_threadsafe, loop thread": us_per_call(
+                        loop_thread.run_coroutine, calls),
+                    "asyncio.run per call": us_per_call(lambda: asyncio.run(trivial()), calls),
+                    "asgiref async_to_sync": us_per_call(async_to_sync(trivial), calls),
+                    "anyio from_thread portal": us_per_call(lambda: portal.call(trivial),
+                                                            calls),
+                    "anyio.run per call": us_per_call(lambda: anyio.run(trivial), calls),
+                }, settings.call_rounds)
+        finally:
+            loop_thread.close()
+        if probe_bridge() != bridge_thread:
+            raise RuntimeError("the bridge thread was replaced during the benchmark")
+    where = f"all threads pinned to CPU {cpu}" if cpu is not None else "threads free"
+    tag = "pinned" if cpu is not None else "free"
+    rows = rows_from(samples, "us/call", HOP, {
+        HOP: "the floor",
+        HOP_TASK: "create_task on the loop, the Task releases the lock",
+        BRIDGE: "under a worker request pushed once per sample",
+        BRIDGE_TIMED: "soft 30 s, hard 60 s, on_soft hook",
+        PER_TASK: "all a tracer does per task; Celery's request is the rest",
+    })
+    section = Section(f"1{'a' if cpu is not None else 'b'}. in a worker: per-call overhead of "
+                      f"`async def f(): return 1` from sync code, one process, {where} "
+                      f"({calls} calls per sample)", rows, "vs hop")
+    return section, [
+        target(f"in worker: bridge call / loop hop ({tag})", samples, BRIDGE, HOP, 1.5,
+               at_least=False),
+        target(f"in worker: timeouts armed / not armed ({tag})", samples, BRIDGE_TIMED,
+               BRIDGE, 1.05, at_least=False),
     ]
-    return section, targets
 
 
-# --- parts 2 to 4: real workers ----------------------------------------------------------
+def thread_start_join() -> None:
+    thread = threading.Thread(target=int)
+    thread.start()
+    thread.join()
+
+
+def new_loop_close() -> None:
+    asyncio.new_event_loop().close()
+
+
+def outside_worker_calls(settings: Settings) -> tuple[Section, list[Target]]:
+    """Part 1c: direct and eager calls, each on a disposable loop, threads free."""
+    name, *_ = bridged_probe()
+    if not name.startswith("relier-disposable-"):
+        raise RuntimeError(f"a direct call ran on {name!r}, not on a disposable loop")
+    calls = max(10, settings.calls_per_sample // 4)
+    direct_base, direct = "asyncio.run(f())", "bridged task(), direct call"
+    eager_base, eager = "eager: @app.task running asyncio.run", "eager: bridged task"
+    start_join, new_loop = "  thread start + join, empty target", "  new_event_loop() + close()"
+    sync_call = "  sync @app.task, direct call"
+    samples = interleaved({
+        direct_base: us_per_call(lambda: asyncio.run(trivial()), calls),
+        direct: us_per_call(bridged_trivial, calls),
+        start_join: us_per_call(thread_start_join, calls),
+        new_loop: us_per_call(new_loop_close, calls),
+        sync_call: us_per_call(sync_trivial, calls),
+        eager_base: us_per_call(lambda: eager_asyncio_run_trivial.delay().get(), calls),
+        eager: us_per_call(lambda: eager_bridged_trivial.delay().get(), calls),
+    }, settings.call_rounds)
+    rows = rows_from({name: samples[name] for name in list(samples)[:5]}, "us/call",
+                     direct_base, {
+                         start_join: "what the disposable loop's thread adds",
+                         sync_call: "Celery's own share of task()",
+                     })
+    rows += rows_from({name: samples[name] for name in (eager_base, eager)}, "us/call",
+                      eager_base, {eager_base: "`.delay().get()`, task_always_eager; "
+                                               "baseline of the row below"})
+    section = Section(f"1c. outside a worker: direct and eager calls, a disposable loop each, "
+                      f"threads free ({calls} calls per sample)", rows, "vs asyncio.run")
+    return section, [
+        target("direct: bridged task() / asyncio.run(f())", samples, direct, direct_base,
+               1.1, at_least=False),
+        target("eager: bridged / @app.task running asyncio.run", samples, eager, eager_base,
+               1.1, at_least=False),
+    ]
+
+
+# --- parts 2, 3, 4 and 6: real workers ---------------------------------------------------
 
 class Worker:
     """A ``celery worker`` subprocess that loads this module, in a session of its own."""
@@ -486,18 +583,14 @@ class Worker:
                 self.process.wait(10)
 
 
-def purge_queue(name: str) -> None:
-    with app.connection_for_write() as connection:
-        connection.default_channel.queue_purge(name)
-
-
 @contextmanager
 def running_workers(*specs: tuple[str, int, str]) -> Iterator[list[Worker]]:
     """Start one worker per (pool, concurrency, queue), wait until all are ready; stop all."""
     workers: list[Worker] = []
     try:
-        for _pool, _concurrency, queue in specs:
-            purge_queue(queue)
+        with app.connection_for_write() as connection:
+            for _pool, _concurrency, queue in specs:
+                connection.default_channel.queue_purge(queue)
         for spec in specs:
             workers.append(Worker(*spec))
         for worker in workers:
@@ -540,12 +633,13 @@ def end_to_end(settings: Settings, parts: set[int]) -> tuple[list[Section], list
                 bridged: tasks_per_second(bridged_trivial, n, E2E_QUEUE, 1),
                 "sync task, asyncio.run per task": tasks_per_second(asyncio_run_trivial, n,
                                                                     E2E_QUEUE, 1),
-            }, settings.rounds)
+            }, settings.e2e_rounds)
             sections.append(Section(
-                f"2. end to end, trivial task, worker prefork -c 2 ({n} tasks per round)",
-                rows_from(samples, "tasks/s", sync), "vs sync"))
-            targets.append(Target("end to end, async via bridge / plain sync",
-                                  paired_ratio(samples, bridged, sync), 0.95, at_least=True))
+                f"2. end to end on Redis, trivial task, worker prefork -c 2 ({n} tasks per "
+                f"round, {settings.e2e_rounds} rounds)", rows_from(samples, "tasks/s", sync),
+                "vs sync"))
+            targets.append(target("end to end: bridged async / plain sync", samples, bridged,
+                                  sync, 0.97, at_least=True))
         if 3 in parts:
             fresh, shared = "asyncio.run, new client per task", "bridge, one client per process"
             ceiling = "plain sync task, no I/O at all"
@@ -560,8 +654,8 @@ def end_to_end(settings: Settings, parts: set[int]) -> tuple[list[Section], list
                 rows_from(samples, "tasks/s", fresh,
                           {ceiling: "the most any task gets out of this setup"}),
                 "vs new client"))
-            targets.append(Target("client reuse / new client + asyncio.run",
-                                  paired_ratio(samples, shared, fresh), 1.8, at_least=True))
+            targets.append(target("client reuse / new client + asyncio.run", samples, shared,
+                                  fresh, 1.8, at_least=True))
     return sections, targets
 
 
@@ -576,24 +670,18 @@ def rss_kib(pid: object = "self") -> int:
     return 0  # gone meanwhile, or a zombie without memory
 
 
-def process_tree_rss_kib(root: int) -> int:
-    """Sum of the RSS of ``root`` and of all its descendants, read from /proc."""
-    parent_of: dict[int, int] = {}
+def process_group_rss_kib(group_id: int) -> int:
+    """Sum of the RSS of the processes in a process group (a worker and its pool)."""
+    total = 0
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as stat:
-                    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-                    parent_of[int(entry.name)] = int(stat.read().rpartition(")")[2].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # the process ended while we looked
-    tree, unvisited = {root}, [root]
-    while unvisited:
-        parent = unvisited.pop()
-        children = [pid for pid, ppid in parent_of.items() if ppid == parent]
-        tree.update(children)
-        unvisited.extend(children)
-    return sum(rss_kib(pid) for pid in tree)
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+                if int(stat.read().rpartition(")")[2].split()[2]) == group_id:
+                    total += rss_kib(entry.name)
+        except (OSError, IndexError, ValueError):
+            continue  # not a process, or it ended while we looked
+    return total
 
 
 class PeakMemorySampler:
@@ -608,7 +696,7 @@ class PeakMemorySampler:
     def _sample(self) -> None:
         while not self._stop.wait(self._interval):
             for worker in self._workers:
-                rss = process_tree_rss_kib(worker.process.pid)
+                rss = process_group_rss_kib(worker.process.pid)
                 self.peak_kib[worker.name] = max(self.peak_kib[worker.name], rss)
 
     def __enter__(self) -> PeakMemorySampler:
@@ -641,9 +729,8 @@ def io_concurrency(settings: Settings) -> tuple[Section, list[Target]]:
                         note="worker and pool children, summed"))
     section = Section(f"4. concurrency, `await asyncio.sleep({IO_SLEEP_S})` per task", rows,
                       "vs prefork")
-    target = Target("threads -c 50 / prefork -c 2, I/O-bound",
-                    paired_ratio(samples, threads, prefork), 10.0, at_least=True)
-    return section, [target]
+    return section, [target("threads -c 50 / prefork -c 2, I/O-bound", samples, threads,
+                            prefork, 10.0, at_least=True)]
 
 
 # --- part 5: memory of the bridge --------------------------------------------------------
@@ -656,8 +743,7 @@ def probe_bridge_cost() -> None:
     """In a fresh process: print RSS, threads and fds before and after the bridge exists."""
     gc.collect()
     before = {"rss_kib": rss_kib(), "threads": threading.active_count(), "fds": open_fds()}
-    with as_worker_executes(bridged_trivial) as call:
-        call()  # creates the bridge loop and its thread, and runs one coroutine on it
+    probe_bridge()  # creates the bridge loop and its thread, and runs one coroutine on it
     gc.collect()
     after = {"rss_kib": rss_kib(), "threads": threading.active_count(), "fds": open_fds()}
     print(json.dumps({"before": before, "after": after}))
@@ -687,6 +773,73 @@ def bridge_memory(settings: Settings) -> Section:
                    "processes)", rows)
 
 
+# --- part 6: many results awaited on one loop --------------------------------------------
+
+def send_spread(count: int, window: float, lead: float) -> list[Any]:
+    """Send ``count`` tasks that end at random times within ``window`` seconds from
+    ``lead`` seconds from now: each is an ETA task (a timer in the worker, not a worker
+    thread, holds it until then), with a 10 ms sleep as its work."""
+    start = time.time() + lead
+    return [ends_at.apply_async((0.01,), queue=AGET_QUEUE, eta=datetime.fromtimestamp(
+        start + random.uniform(0, window), tz=timezone.utc)) for _ in range(count)]
+
+
+async def wait_for_all(results: list[Any],
+                       wait: Callable[[Any], Any]) -> list[tuple[float, float]]:
+    """Wait for every result at once; (the task's end, when its wait returned) for each."""
+
+    async def one(result: Any) -> tuple[float, float]:
+        ended = await wait(result)
+        return ended, time.time()
+
+    return await asyncio.gather(*(one(result) for result in results))
+
+
+def waiting_round(wait: Callable[[Any], Any], settings: Settings,
+                  latencies: list[float], cpu: list[float], early: list[int]) -> None:
+    # The lead lets every task be sent (1 to 3 ms each here) before the first one ends.
+    results = send_spread(settings.waiters, settings.wait_window,
+                          lead=0.5 + settings.waiters * 0.004)
+    started, cpu_started = time.time(), time.process_time()
+    ends = asyncio.run(wait_for_all(results, wait))
+    cpu.append(time.process_time() - cpu_started)
+    # A task that ended before the waits began (a slow send) is timed from their start.
+    latencies += [returned - max(ended, started) for ended, returned in ends]
+    early.append(sum(ended < started for ended, _ in ends))
+
+
+def awaiting_results(settings: Settings) -> Section:
+    """Part 6: ``settings.waiters`` concurrent ``aget``s on one loop against Redis."""
+    if not hasattr(ends_at.AsyncResult("no-such-task"), "aget"):
+        return Section("6. skipped: relier_bridge has no aget yet", [])
+    contenders = {
+        "aget()": lambda result: result.aget(timeout=120),
+        "to_thread(get)": lambda result: asyncio.to_thread(result.get, timeout=120),
+    }
+    measured: dict[str, tuple[list[float], list[float], list[int]]] = {
+        name: ([], [], []) for name in contenders}
+    with running_workers(("threads", 8, AGET_QUEUE)):
+        for round_no in range(settings.wait_rounds):
+            names = list(contenders)[round_no % 2:] + list(contenders)[:round_no % 2]
+            for name in names:
+                waiting_round(contenders[name], settings, *measured[name])
+    rows = []
+    for name, (latencies, cpu, early) in measured.items():
+        p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
+        rows.append(Row(f"{name}: task end -> wait returns",
+                        *(x * 1e3 for x in quartiles(latencies)), "ms",
+                        note=f"p99 {p99 * 1e3:.0f} ms, max {max(latencies) * 1e3:.0f} ms"
+                        + (f"; {sum(early)} ended before the waits began" if sum(early) else "")))
+        rows.append(Row(f"{name}: CPU of the waiting process",
+                        *(x * 1e3 for x in quartiles(cpu)), "ms",
+                        note="time.process_time() delta over a round's whole wait"))
+    return Section(f"6. {settings.waiters} results awaited at once on one event loop, Redis "
+                   f"broker and backend; tasks end at random times within "
+                   f"{settings.wait_window:.0f} s (ETA tasks, worker threads -c 8); "
+                   f"{settings.wait_rounds} rounds, latencies pooled, await result.aget() vs "
+                   "await asyncio.to_thread(result.get)", rows)
+
+
 # --- main --------------------------------------------------------------------------------
 
 def check_redis() -> None:
@@ -700,8 +853,8 @@ def check_redis() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny N: a smoke run (< 1 min)")
-    parser.add_argument("--parts", default="1,2,3,4,5",
-                        help="comma-separated parts to run (default: all five)")
+    parser.add_argument("--parts", default="1,2,3,4,5,6",
+                        help="comma-separated parts to run (default: all six)")
     parser.add_argument("--probe-bridge-cost", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_bridge_cost:
@@ -709,36 +862,27 @@ def main() -> None:
         return
     settings = QUICK if args.quick else FULL
     parts = {int(part) for part in args.parts.split(",") if part.strip().isdigit()}
-    if not parts or not parts <= {1, 2, 3, 4, 5}:
-        parser.error(f"--parts takes numbers from 1 to 5, got {args.parts!r}")
-    if parts & {2, 3, 4}:
+    if not parts or not parts <= {1, 2, 3, 4, 5, 6}:
+        parser.error(f"--parts takes numbers from 1 to 6, got {args.parts!r}")
+    if parts & {2, 3, 4, 6}:
         check_redis()
     started = time.monotonic()
     print(f"relier_bridge benchmark, {'quick' if args.quick else 'full'} run: Python "
           f"{platform.python_version()}, celery {celery.__version__}, asgiref "
           f"{version('asgiref')}, anyio {version('anyio')}, redis-py {redis.__version__}, "
           f"{os.cpu_count()} CPUs, {REDIS_URL}")
-    print(f"medians over {settings.call_rounds} (part 1) or {settings.rounds} (parts 2-4) "
+    print(f"medians over {settings.call_rounds} (part 1), {settings.e2e_rounds} (part 2) or "
+          f"{settings.rounds} (parts 3, 4) "
           "interleaved rounds, after one warm-up round; ratio = median of the per-round "
           "ratios to the section's baseline", flush=True)
     sections: list[Section] = []
     targets: list[Target] = []
     if 1 in parts:
-        cpu = max(os.sched_getaffinity(0))
-        section, found = per_call_report(
-            per_call_overhead(settings, cpu),
-            f"1a. per-call overhead of `async def f(): return 1` called from sync code, in "
-            f"one process, all threads pinned to CPU {cpu} ({settings.calls_per_sample} "
-            "calls per sample)", "1a, pinned")
-        sections.append(section)
-        targets += found
-        section, found = per_call_report(
-            per_call_overhead(settings, None),
-            "1b. the same, threads free to run on any CPU, as in a worker (often bimodal: a "
-            "wake-up on the other CPU costs more than one on the same CPU; see p25..p75)",
-            "1b, free")
-        sections.append(section)
-        targets += found
+        for section, found in (in_worker_calls(settings, max(os.sched_getaffinity(0))),
+                               in_worker_calls(settings, None),
+                               outside_worker_calls(settings)):
+            sections.append(section)
+            targets += found
     if parts & {2, 3}:
         found_sections, found = end_to_end(settings, parts)
         sections += found_sections
@@ -749,9 +893,12 @@ def main() -> None:
         targets += found
     if 5 in parts:
         sections.append(bridge_memory(settings))
+    if 6 in parts:
+        sections.append(awaiting_results(settings))
     for section in sections:
         print_section(section)
-    print_targets(targets)
+    if targets:
+        print_targets(targets)
     print(f"\ntotal time {time.monotonic() - started:.0f} s")
 
 
