@@ -3,10 +3,9 @@
 # this notice; provided "as is", without warranty of any kind.
 """Run ``async def`` Celery tasks on one persistent event loop per worker process.
 
-In a worker, coroutines run on the process's *bridge loop*: created in that process and
-driven by a daemon thread, so clients made with ``per_loop`` serve task after task.
-Outside a worker (direct call, eager mode) each call gets a *disposable loop*, shut down
-completely before the call returns. ``await result.aget()`` waits without holding a thread.
+In a worker, coroutines run on the process's *bridge loop*, driven by a daemon thread, so
+clients made with ``per_loop`` serve task after task. Outside a worker (direct call, eager
+mode) each call gets a *disposable loop*, shut down completely before the call returns.
 """
 from __future__ import annotations
 
@@ -87,15 +86,24 @@ class _Limits:
     hard: Optional[float]
     on_soft: Optional[Callable[[SoftContext], Any]]
 
-
-class _RunState(enum.Enum):
-    QUEUED = "queued"  # handed to a loop, not started: it may still move to another loop
-    RUNNING = "running"
-    CANCELLED = "cancelled"  # past hard_timeout, or given up by its waiter
+    def __post_init__(self) -> None:
+        for label, value in (("soft_timeout", self.soft), ("hard_timeout", self.hard)):
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            if value is not None and bad:
+                raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
+        if self.soft is not None and self.hard is not None and self.soft >= self.hard:
+            raise ValueError(f"soft_timeout ({self.soft}) must be less than hard_timeout "
+                             f"({self.hard})")
+        if self.on_soft is not None and self.soft is None:
+            raise ValueError("on_soft is called at soft_timeout: set soft_timeout too")
+        if self.on_soft is not None and not callable(self.on_soft):
+            raise TypeError(f"on_soft must be callable, got {self.on_soft!r}")
 
 
 class _Run:
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
+
+    owner: _Loop  # the loop it was last handed to: where it starts, or moves on from
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
                  limits: _Limits, name: str, soft: Optional[SoftContext]) -> None:
@@ -103,10 +111,9 @@ class _Run:
         self.context = context
         self.limits = limits
         self.name = name
-        self.soft = soft
-        self.state = _RunState.QUEUED
-        self.owner: Optional[_Loop] = None
-        self.started = 0.0
+        self.soft = soft  # what on_soft sees; made only for tasks with a soft_timeout
+        self.started: Optional[float] = None  # on the loop, when the coroutine starts
+        self.cancelled = False  # past hard_timeout, or given up by its waiter
         self.task: Optional[asyncio.Task[None]] = None
         self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
@@ -115,36 +122,27 @@ class _Run:
         self.settled = threading.Lock()
         self.settled.acquire()  # released once, on the loop, when the outcome is known
 
-    def submit(self, owner: _Loop) -> _Run:
-        self.owner = owner
-        owner.queued.add(self)
-        if owner.state is not _LoopState.OPEN:  # retired since the caller chose it
-            owner.move_queued()
-        else:
-            owner.call(self._start, owner, context=self.context)
-        return self
-
-    def _start(self, owner: _Loop) -> None:
+    def start(self, owner: _Loop) -> None:
+        """On ``owner``'s loop: start the coroutine, unless it moved on or was given up."""
         try:
             owner.queued.remove(self)  # whoever takes a run out of the queue owns its start
         except KeyError:
             return
-        if self.state is _RunState.CANCELLED:  # given up by its waiter while it moved
+        if self.cancelled:  # given up by its waiter while it moved
             return
         owner.running.add(self)
-        self.state = _RunState.RUNNING
         self.started = time.monotonic()
         # One timer at a time: the soft one arms the hard one. Most runs end before either.
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
         if first is not None:
             self.timer = owner.loop.call_later(first, self._on_timer)
         if sys.version_info >= (3, 12):  # a body that never suspends settles in this turn
-            self.task = asyncio.Task(self._settle(owner), loop=owner.loop, name=self.name,
+            self.task = asyncio.Task(self._settle(), loop=owner.loop, name=self.name,
                                      eager_start=True)
         else:
-            self.task = owner.loop.create_task(self._settle(owner), name=self.name)
+            self.task = owner.loop.create_task(self._settle(), name=self.name)
 
-    async def _settle(self, owner: _Loop) -> None:
+    async def _settle(self) -> None:
         # Settling inside the task's own step saves the loop turn a done callback costs.
         try:
             self.outcome = await self.coro
@@ -155,7 +153,7 @@ class _Run:
                 self.timer.cancel()
             if self.hook is not None:
                 self.hook.cancel()  # the hook serves a running task only
-            owner.finished(self)
+            self.owner.finished(self)
             self.settled.release()
 
     def _on_timer(self) -> None:
@@ -179,26 +177,23 @@ class _Run:
 
     def cancel(self) -> None:
         """On the loop: cancel the run, which stops counting among the loop's running ones."""
-        self.state = _RunState.CANCELLED
+        self.cancelled = True
         if self.task is not None:
             self.task.cancel()
-        assert self.owner is not None
         self.owner.finished(self)
 
     def wait(self) -> Any:
-        """Block until the run settles and return or raise its outcome. With ``hard_timeout``,
-        give up ``CANCEL_GRACE`` past the limit, counted from the start: a queued run waits
-        for its turn. What is raised into this thread meanwhile (Celery's soft time limit, an
-        interrupt) gives the run up."""
+        """Block until the run settles; return or raise its outcome. Give up ``CANCEL_GRACE``
+        past ``hard_timeout``, or when something is raised into this thread (a time limit)."""
         try:
             while not self.settled.acquire(timeout=self._left()):
-                if self.state is not _RunState.QUEUED and self._left() == 0:
+                if self._left() == 0:
                     self._give_up_past_limit()
                     break
         except BaseException:
             self.abandon()
             raise
-        if self.state is _RunState.CANCELLED and self.limits.hard is not None:
+        if self.cancelled and self.limits.hard is not None:
             raise HardTimeout(self.name, self.limits.hard, self.soft and self.soft.partial)
         if self.error is None:
             return self.outcome
@@ -209,38 +204,30 @@ class _Run:
         raise RuntimeError(f"task {self.name} raised {self.error!r}") from self.error
 
     def _left(self) -> float:
-        """Seconds this run's waiter may still wait: -1 is for ever."""
+        """Seconds the waiter may still wait: -1 is for ever; a queued run has all its time."""
         if self.limits.hard is None:
             return -1
-        limit = self.limits.hard + CANCEL_GRACE
-        if self.state is _RunState.QUEUED:
-            return limit
-        return max(self.started + limit - time.monotonic(), 0.0)
+        start = time.monotonic() if self.started is None else self.started
+        return max(start + self.limits.hard + CANCEL_GRACE - time.monotonic(), 0.0)
 
     def _give_up_past_limit(self) -> None:
-        owner = self.owner
-        assert owner is not None
-        holder = asyncio.current_task(owner.loop)
-        if holder is not self.task and self.state is _RunState.CANCELLED:
+        holder = asyncio.current_task(self.owner.loop)
+        if holder is not self.task and self.cancelled:
             logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
                            "running on the loop", self.name, self.limits.hard)
-        elif owner.retire():  # the cancel never landed: something holds the loop
+        elif self.owner.retire():  # the cancel never landed: something holds the loop
             logger.warning("%s blocked its event loop past the hard_timeout=%ss of task %s; the "
                            "loop is retired: what started there ends there, the rest moves on",
                            f"task {holder.get_name()}" if holder else "a callback",
                            self.limits.hard, self.name)
-            owner.move_queued()
+            self.owner.move_queued()
         self.abandon()
 
     def abandon(self) -> None:
         """Give the run up: if it has not started it never will, else it is cancelled."""
-        self.state = _RunState.CANCELLED  # seen by _start, should a move hide the run below
-        owner = self.owner
-        assert owner is not None
-        try:
-            owner.queued.remove(self)
-        except KeyError:
-            owner.call(self.cancel)
+        self.cancelled = True  # seen by start, should the run be on its way to another loop
+        self.owner.queued.discard(self)
+        self.owner.call(self.cancel)
 
 
 class _LoopState(enum.Enum):
@@ -253,7 +240,7 @@ class _Loop:
     """An event loop and the runs handed to it. A bridge loop is driven by a daemon thread;
     a disposable loop serves one run, driven by its own thread or by the caller's."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self) -> None:
         # Patched, a "thread" is a greenlet on the hub that the waiting worker would block.
         gevent = sys.modules.get("gevent.monkey")
         eventlet = sys.modules.get("eventlet.patcher")
@@ -261,15 +248,14 @@ class _Loop:
                 eventlet is not None and eventlet.is_monkey_patched("thread")):
             raise RuntimeError("relier_bridge needs real threads, which gevent or eventlet "
                                "patched: run async tasks in a prefork, solo or threads worker")
-        self.name = name
         self.loop = asyncio.new_event_loop()
         self.queued: set[_Run] = set()  # handed over, not started
         self.running: set[_Run] = set()  # started, and someone still waits for them
         self.state = _LoopState.OPEN
         self.thread: Optional[threading.Thread] = None
 
-    def start_thread(self) -> threading.Thread:
-        self.thread = threading.Thread(target=self.drive, name=self.name, daemon=True)
+    def start_thread(self, name: str) -> threading.Thread:
+        self.thread = threading.Thread(target=self.drive, name=name, daemon=True)
         self.thread.start()
         return self.thread
 
@@ -283,6 +269,22 @@ class _Loop:
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(callback, *args, context=context)
 
+    def submit(self, run: _Run) -> _Run:
+        """Hand ``run`` to this loop, or on to the bridge loop if this one has retired."""
+        run.owner = self
+        self.queued.add(run)
+        if self.state is _LoopState.OPEN:
+            self.call(run.start, self, context=run.context)
+        else:  # retired since the caller chose it
+            self.move_queued()
+        return run
+
+    def move_queued(self) -> None:
+        """Hand the runs that have not started here to the current bridge loop."""
+        while self.queued:
+            with contextlib.suppress(KeyError):  # the loop may take the last one meanwhile
+                _bridge().submit(self.queued.pop())
+
     def retire(self) -> bool:
         """Take no new runs and stop once none is left; True if this call retired it."""
         with _bridge_lock:
@@ -292,55 +294,42 @@ class _Loop:
         self.call(self.finished)
         return True
 
-    def move_queued(self) -> None:
-        """Hand the runs that have not started here to the current bridge loop."""
-        while self.queued:
-            with contextlib.suppress(KeyError):  # the loop may take the last one meanwhile
-                self.queued.pop().submit(_bridge())
-
-    def busy(self) -> bool:
-        return bool(self.queued or self.running)
-
     def finished(self, run: Optional[_Run] = None) -> None:
         """On the loop: ``run`` is over; a retired loop stops once no run is left."""
         if run is not None:
             self.running.discard(run)
-        if self.state is _LoopState.RETIRED and not self.busy():
+        if self.state is _LoopState.RETIRED and not (self.queued or self.running):
             self.loop.stop()
 
     def drive(self) -> None:
-        """Turn the loop until it is retired and idle, then shut it down in order. What
-        escapes the loop ends a disposable drive; the bridge thread logs it and goes on."""
+        """Turn the loop until it is retired and idle, then shut it down as asyncio.run does.
+        What escapes the loop ends a disposable drive; the bridge thread logs it, goes on."""
+        loop = self.loop
         try:
-            while self.state is _LoopState.OPEN or self.busy():
+            while self.state is _LoopState.OPEN or self.queued or self.running:
                 try:
-                    self.loop.run_forever()
+                    loop.run_forever()
                 except BaseException as exc:
                     if threading.current_thread() is not self.thread:
                         raise
-                    logger.error("%r escaped a coroutine on %s; the loop goes on", exc, self.name)
+                    logger.error("%r escaped a coroutine; the bridge loop goes on", exc)
         finally:
             self.state = _LoopState.CLOSING
-            _shut_down(self.loop)
-
-
-def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
-    """Close ``loop`` as asyncio.run does, closing its per_loop values after its tasks."""
-    try:
-        pending = asyncio.all_tasks(loop)
-        for task in pending:
-            task.cancel()
-        if pending:
-            _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
-            if stuck:
-                logger.warning("ignored cancellation at loop shutdown: %r", stuck)
-        values = _loop_values.pop(loop, None)
-        if values:
-            loop.run_until_complete(_close_values(values))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
-    finally:
-        loop.close()
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
+                    if stuck:
+                        logger.warning("ignored cancellation at loop shutdown: %r", stuck)
+                values = _loop_values.pop(loop, None)
+                if values:  # most loops have none: spare a direct call the extra turn
+                    loop.run_until_complete(_close_values(values))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
 
 
 _bridge_loop: Optional[_Loop] = None
@@ -362,20 +351,19 @@ def _bridge() -> _Loop:
     """Return this process's bridge loop, made on first use, after fork or retirement."""
     global _bridge_loop
     bridge = _bridge_loop
-    if bridge is not None and bridge.serving():
+    if bridge is not None and bridge.serving():  # the hot path takes no lock
         return bridge
     with _bridge_lock:
         if _bridge_loop is None or not _bridge_loop.serving():
-            _bridge_loop = _Loop(f"relier-bridge-{os.getpid()}")
-            _bridge_loop.start_thread()
+            _bridge_loop = _Loop()
+            _bridge_loop.start_thread(f"relier-bridge-{os.getpid()}")
         return _bridge_loop
 
 
 def close_bridge_loop(**_: Any) -> None:
     """Shut this process's bridge loop down in order and wait for it (worker shutdown)."""
     bridge = _bridge_loop
-    if bridge is not None and bridge.serving() and bridge.thread is not None:
-        bridge.retire()
+    if bridge is not None and bridge.thread is not None and bridge.retire():
         bridge.thread.join(CANCEL_GRACE * 5)
 
 
@@ -384,13 +372,10 @@ signals.worker_shutdown.connect(close_bridge_loop, weak=False)
 
 
 class per_loop(Generic[T]):
-    """A value made once per event loop, and closed on that loop when relier_bridge ends it.
-
-    ``await res()`` returns the running loop's value, calling ``factory()`` (and awaiting what
-    it returns, if awaitable) on first use there. Concurrent first users share that one call;
-    if it raises, they all get the error and the next call tries again. When a bridge or
-    disposable loop ends, its values are closed on it, newest first: ``close(value)`` if
-    given, else ``value.aclose()``, else ``value.close()``, awaited if awaitable."""
+    """``await res()``: the running loop's value, made by ``factory()`` (awaited if need be) on
+    first use, once, for all first users; a failed creation is retried next call. When a
+    bridge or disposable loop ends, its values are closed newest first: ``close(value)``,
+    else ``value.aclose()``, else ``value.close()``, awaited if need be."""
 
     @overload
     def __init__(self, factory: Callable[[], Awaitable[T]], *,
@@ -435,7 +420,7 @@ _loop_values: weakref.WeakKeyDictionary[
 async def _close_values(values: dict[per_loop[Any], asyncio.Task[Any]]) -> None:
     """Close one loop's values, newest first; a close that fails or hangs is logged."""
     for res, made in reversed(list(values.items())):
-        if made.cancelled() or made.exception() is not None:
+        if not made.done() or made.cancelled() or made.exception() is not None:  # no value
             continue
         value = made.result()
         close = getattr(value, "aclose", None) or getattr(value, "close", None)
@@ -460,7 +445,7 @@ class _ResultWatch:
     async def wait(self, task_id: str, interval: float) -> dict[str, Any]:
         future = asyncio.get_running_loop().create_future()
         self.waiters[future] = task_id
-        if self.poller is None or self.poller.done():
+        if self.poller is None:
             self.poller = asyncio.ensure_future(self._poll(interval))
         try:
             meta = await future
@@ -468,6 +453,7 @@ class _ResultWatch:
             del self.waiters[future]
             if not self.waiters and self.poller is not None:  # the last waiter stops it
                 self.poller.cancel()
+                self.poller = None
         if isinstance(meta, Exception):
             raise meta
         return dict(meta)  # a copy: Celery's cache of the result edits it
@@ -475,17 +461,15 @@ class _ResultWatch:
     async def _poll(self, interval: float) -> None:
         while self.waiters:
             await asyncio.sleep(interval)
-            try:
-                ready = await asyncio.to_thread(self._read, set(self.waiters.values()))
+            ids = set(self.waiters.values())
+            many = self.backend.get_many(ids, interval=0, max_iterations=1)  # a generator
+            try:  # one round trip for all (an mget on Redis), read in a thread: it blocks
+                ready = await asyncio.to_thread(dict, many)
             except Exception as exc:  # a failing backend ends the waits: it never hangs them
-                ready = dict.fromkeys(self.waiters.values(), exc)
+                ready = dict.fromkeys(ids, exc)
             for future, task_id in self.waiters.items():
                 if task_id in ready and not future.done():
                     future.set_result(ready[task_id])
-
-    def _read(self, task_ids: set[str]) -> dict[str, Any]:
-        """The finished results among ``task_ids``: one round trip (an mget on Redis)."""
-        return dict(self.backend.get_many(task_ids, interval=0, max_iterations=1))
 
 
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
@@ -496,24 +480,20 @@ class BridgedResult(AsyncResult):  # type: ignore[misc]
 
     async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.1,
                    propagate: bool = True) -> Any:
-        """Return or raise what ``get()`` would, without blocking the loop or holding a thread
-        while the task runs: every ``interval`` one look-up, in a worker thread, serves every
-        result awaited on this loop. Past ``timeout``: celery.exceptions.TimeoutError."""
-        celery_cache = cast(Any, self)  # Celery's record of a finished result: get() reads it
-        if celery_cache._cache is None:
+        """What ``get()`` returns or raises, awaited without holding a thread: one look-up per
+        ``interval`` serves all results awaited on this loop. Past ``timeout``: TimeoutError."""
+        if self._cache is None:  # Celery's record of a finished result, which get() reads
             if not isinstance(self.backend, BaseKeyValueStoreBackend):
                 raise RuntimeError(f"aget reads key-value result backends (Redis, files...), "
                                    f"not {type(self.backend).__name__}: for it, await "
                                    "asyncio.to_thread(result.get)")
             watches = await _result_watches()
-            if self.backend not in watches:
-                watches[self.backend] = _ResultWatch(self.backend)
+            watch = watches.setdefault(self.backend, _ResultWatch(self.backend))
             try:
-                meta = await asyncio.wait_for(watches[self.backend].wait(self.id, interval),
-                                              timeout)
+                meta = await asyncio.wait_for(watch.wait(self.id, interval), timeout)
             except asyncio.TimeoutError:
                 raise ResultTimeout("The operation timed out.") from None
-            celery_cache._maybe_set_cache(meta)
+            self._maybe_set_cache(meta)
         return self.get(propagate=propagate, disable_sync_subtasks=False)
 
 
@@ -527,8 +507,7 @@ _current_request: contextvars.ContextVar[Any] = contextvars.ContextVar("relier_r
 
 
 def _inherit_lineage(headers: dict[str, Any], **_: Any) -> None:
-    """Make a task sent while a bridged coroutine runs that task's child, as Celery does for
-    tasks sent from a task's own thread. Explicit ids win."""
+    """A task sent from a bridged coroutine is its child, as from a task's thread in Celery."""
     request = _current_request.get(None)
     if request is None or request.called_directly:
         return
@@ -559,16 +538,16 @@ def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
     soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
     run = _Run(coro, context, limits, task.name, soft)
     if not (request.called_directly or request.is_eager):  # executed by a worker
-        return run.submit(_bridge()).wait()
-    owner = _Loop(f"relier-disposable-{task.name}")
+        return _bridge().submit(run).wait()
+    owner = _Loop()
     if limits.hard is None:  # nothing to enforce on a blocked loop: drive it here, as asyncio.run
-        run.submit(owner)
+        owner.submit(run)
         owner.retire()
         owner.drive()
         return run.wait()
-    thread = owner.start_thread()
+    thread = owner.start_thread(f"relier-disposable-{task.name}")
     try:
-        return run.submit(owner).wait()
+        return owner.submit(run).wait()
     finally:
         owner.retire()
         thread.join(CANCEL_GRACE * 2)
@@ -596,13 +575,13 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
         result = celery.Task.apply(self, *args, **kwargs)
         return _EagerResult(*result.__reduce_args__())
 
-    def _bridged_request(self) -> Any:
+    @property
+    def request(self) -> Any:
+        """The request of this task's coroutine running in this context, else Celery's."""
         request = _current_request.get(None)
         if request is not None and getattr(request, "task", self.name) == self.name:
             return request
         return self._get_request()
-
-    request = property(_bridged_request)
 
     if TYPE_CHECKING:
         def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
@@ -610,31 +589,6 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
 
 _TASK_ATTRIBUTES = {name: vars(BridgedTask)[name]
                     for name in ("push", "apush", "AsyncResult", "apply", "request")}
-
-
-def _check(fn: Any, soft: Optional[float], hard: Optional[float], on_soft: Any) -> bool:
-    """Validate a task body and its timeouts; return whether the body is async."""
-    if not callable(fn):
-        raise TypeError(f"bridged_task needs a function, got {fn!r}")
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        raise TypeError(f"{fn.__qualname__} is a generator function: a task must return a "
-                        "value, so collect the items and return them")
-    is_async = inspect.iscoroutinefunction(fn)
-    for label, value in (("soft_timeout", soft), ("hard_timeout", hard)):
-        if value is not None and not is_async:
-            raise ValueError(f"{label} on sync task {fn.__qualname__}: a running thread "
-                             "cannot be cancelled; make it `async def`, or use Celery's "
-                             "soft_time_limit/time_limit")
-        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-        if value is not None and bad:
-            raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
-    if soft is not None and hard is not None and soft >= hard:
-        raise ValueError(f"soft_timeout ({soft}) must be less than hard_timeout ({hard})")
-    if on_soft is not None and soft is None:
-        raise ValueError("on_soft is called at soft_timeout: set soft_timeout too")
-    if on_soft is not None and not callable(on_soft):
-        raise TypeError(f"on_soft must be callable, got {on_soft!r}")
-    return is_async
 
 
 class _Decorator(Protocol):
@@ -661,14 +615,21 @@ def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
     ``celery.shared_task``, unless ``app`` is given; other keywords go to ``app.task``.
     ``soft_timeout`` calls ``on_soft(ctx)`` while the task goes on; ``hard_timeout`` cancels
     the coroutine and fails the task with HardTimeout."""
+    limits = _Limits(soft_timeout, hard_timeout, on_soft)
+    register = app.task if app is not None else celery.shared_task
 
     def decorate(body: Any) -> Any:
-        is_async = _check(body, soft_timeout, hard_timeout, on_soft)
-        register = app.task if app is not None else celery.shared_task
-        if not is_async:
+        generator = inspect.isgeneratorfunction(body) or inspect.isasyncgenfunction(body)
+        if not callable(body) or generator:
+            raise TypeError(f"bridged_task needs a function that returns its value (a generator "
+                            f"must collect its items), got {body!r}")
+        if not inspect.iscoroutinefunction(body):
+            if soft_timeout is not None or hard_timeout is not None:
+                raise ValueError(f"soft_timeout/hard_timeout on sync task {body.__qualname__}: "
+                                 "a running thread cannot be cancelled; make it `async def`, "
+                                 "or use Celery's soft_time_limit/time_limit")
             return register(**options, **_TASK_ATTRIBUTES)(body)
         bound = bool(options.get("bind"))
-        limits = _Limits(soft_timeout, hard_timeout, on_soft)
 
         @functools.wraps(body)
         def run(task: celery.Task, *args: Any, **kwargs: Any) -> Any:
