@@ -1482,6 +1482,249 @@ def test_sqlalchemy_async_engine_made_at_import_serves_forked_children(prefork: 
 
 
 # ---------------------------------------------------------------------------------------
+# per_loop with real clients: each loop's connections close when that loop ends.
+# ---------------------------------------------------------------------------------------
+CLIENTS_NAME = f"relier-{RUN_ID}-clients"  # how the servers tell these clients' connections
+
+
+@celery.signals.worker_shutdown.connect  # after relier_bridge's handler, which ends the loop
+def _hold_exit_for_inspection(**_: Any) -> None:
+    """Let the test look at the servers after warm shutdown closed the loop, but before the
+    process exits (which would close every socket anyway)."""
+    if os.environ.get("RELIER_CLIENTS_HOLD_EXIT"):
+        mark(f"clients-held-{os.getpid()}")
+        deadline = time.monotonic() + 30
+        while marked(f"clients-release-{os.getpid()}") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class LoopWitness:
+    """The oldest per_loop value of a loop: closed last (newest first), it logs that the
+    loop's values were all closed, which process exit alone never would."""
+
+    def __init__(self) -> None:
+        self.token = _loop_tokens.setdefault(asyncio.get_running_loop(), uuid.uuid4().hex)
+
+    def close(self) -> None:
+        log.warning("per_loop values closed on loop %s", self.token)
+
+
+def _make_http_client() -> Any:
+    import httpx
+
+    return httpx.AsyncClient(base_url=os.environ["RELIER_CLIENTS_HTTP_URL"], trust_env=False,
+                             limits=httpx.Limits(keepalive_expiry=60))
+
+
+def _make_redis_client() -> Any:
+    import redis.asyncio
+
+    assert REDIS_URL is not None
+    return redis.asyncio.Redis.from_url(REDIS_URL, client_name=CLIENTS_NAME)
+
+
+def _make_engine() -> Any:
+    assert POSTGRES_URL is not None
+    return create_async_engine(POSTGRES_URL, connect_args={
+        "server_settings": {"application_name": CLIENTS_NAME}})
+
+
+loop_witness = relier_bridge.per_loop(LoopWitness)  # closed by its close()
+http_client = relier_bridge.per_loop(_make_http_client)  # closed by its aclose()
+redis_client = relier_bridge.per_loop(_make_redis_client)  # closed by its aclose()
+engine = relier_bridge.per_loop(_make_engine, close=lambda e: e.dispose())
+
+
+@bridged_task(app=app)
+async def use_real_clients() -> dict[str, Any]:
+    """Use every configured client once; say which server-side connection each one used."""
+    seen: dict[str, Any] = {"loop": (await loop_witness()).token}
+    response = await (await http_client()).get("/")
+    response.raise_for_status()
+    seen["http"] = int(response.text)
+    if REDIS_URL:
+        seen["redis"] = await (await redis_client()).client_id()
+    if POSTGRES_URL:
+        async with (await engine()).connect() as connection:
+            seen["postgres"] = (await connection.execute(text("SELECT pg_backend_pid()"))
+                                ).scalar_one()
+    return seen
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def blocks_its_loop_for(seconds: float) -> None:
+    time.sleep(seconds)  # noqa: ASYNC251 - hostile on purpose: never yields to the loop
+
+
+def _start_counting_http_server() -> Any:
+    """An HTTP/1.1 keep-alive server on 127.0.0.1, serving in a thread, that knows which
+    connections are open: ``open`` (their numbers), ``opened`` (so far), ``peak`` (at once)."""
+    import http.server
+
+    class CountingHandler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection serves request after request
+
+        def setup(self) -> None:
+            super().setup()
+            with server.lock:
+                server.opened += 1
+                self.number = server.opened
+                server.open.add(self.number)
+                server.peak = max(server.peak, len(server.open))
+
+        def finish(self) -> None:
+            try:
+                super().finish()
+            finally:
+                with server.lock:
+                    server.open.discard(self.number)
+
+        def do_GET(self) -> None:
+            body = str(self.number).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server: Any = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    server.daemon_threads = True
+    server.lock, server.open, server.opened, server.peak = threading.Lock(), set(), 0, 0
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def counting_http_server() -> Iterator[Any]:
+    server = _start_counting_http_server()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _postgres_backends() -> set[int]:
+    """The server processes of PostgreSQL connections named CLIENTS_NAME."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    assert POSTGRES_URL is not None
+    dsn = make_url(POSTGRES_URL).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+
+    async def query() -> set[int]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            rows = await connection.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1", CLIENTS_NAME)
+        finally:
+            await connection.close()
+        return {row["pid"] for row in rows}
+
+    return asyncio.run(query())
+
+
+def _poll(check: Any, timeout: float, what: str, state: Any = None) -> None:
+    """Wait until ``check()`` is true; fail saying ``what`` did not happen, and ``state()``."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s; {state() if state else ''}")
+        time.sleep(0.05)
+
+
+def _whole_log(worker: Worker, timeout: float = 10) -> str:
+    """The worker's log once its reader has read the pipe to the end (the process exited)."""
+    reader = worker._read  # the bound method a live reader thread still holds as its target
+    _poll(lambda: not any(getattr(thread, "_target", None) == reader
+                          for thread in threading.enumerate()), timeout, "log read to its end")
+    return worker.log
+
+
+@pytest.mark.timeout(150)
+def test_per_loop_real_clients_close_their_connections_when_the_loop_ends(
+        counting_http_server: Any) -> None:
+    """An httpx client (always), a redis.asyncio client (with Redis) and a SQLAlchemy async
+    engine (with PostgreSQL), each a per_loop value, each seen from its server: one
+    connection while the loop serves, none once the loop has ended, from a retired loop
+    while the worker lives on as from the last loop at warm shutdown."""
+    pytest.importorskip("httpx")
+    server = counting_http_server
+    with contextlib.ExitStack() as stack:
+        counters: dict[str, Any] = {"http": lambda: set(server.open)}
+        if REDIS_URL:
+            import redis
+
+            inspector = stack.enter_context(redis.Redis.from_url(REDIS_URL))
+            counters["redis"] = lambda: {int(client["id"]) for client in inspector.client_list()
+                                         if client["name"] == CLIENTS_NAME}
+        if POSTGRES_URL:
+            counters["postgres"] = _postgres_backends
+
+        def open_now() -> dict[str, set[int]]:
+            return {kind: count() for kind, count in counters.items()}
+
+        def none_open() -> bool:
+            return not any(open_now().values())
+
+        env = {"RELIER_CLIENTS_HTTP_URL": f"http://127.0.0.1:{server.server_port}",
+               "RELIER_CLIENTS_HOLD_EXIT": "1",
+               "PYTHONWARNINGS": "default::ResourceWarning"}  # a client closed by GC says so
+        with running_worker("clients", "solo", 1, env=env) as worker:
+            pid = worker.process.pid
+            try:
+                assert none_open()
+                first = [get(worker.send(use_real_clients)) for _ in range(3)]
+                assert first[1:] == first[:1] * 2, "one loop, and one connection of each, reused"
+                old = first[0]
+                assert open_now() == {kind: {old[kind]} for kind in counters}
+
+                # Retire the loop: its thread is held by time.sleep(3) past hard_timeout=1.
+                start = len(worker.lines)
+                with pytest.raises(HardTimeout):
+                    get(worker.send(blocks_its_loop_for, 3))
+                worker.wait_for("blocked its event loop", timeout=10, start=start)
+                # Once its blocking call returns, the old loop closes its values, on its own.
+                _poll(none_open, 20, "the retired loop closes its connections",
+                      lambda: f"open: {open_now()}; log:\n" + "\n".join(worker.lines[start:]))
+                worker.wait_for(f"per_loop values closed on loop {old['loop']}", 10, start)
+
+                second = [get(worker.send(use_real_clients)) for _ in range(3)]
+                assert second[1:] == second[:1] * 2
+                new = second[0]
+                assert new["loop"] != old["loop"], "a fresh loop replaced the retired one"
+                assert all(new[kind] != old[kind] for kind in counters), "new connections"
+                assert open_now() == {kind: {new[kind]} for kind in counters}, "one each, never 2"
+
+                # Warm shutdown closes the last loop's values: seen while the process still lives.
+                start = len(worker.lines)
+                worker.process.send_signal(signal.SIGTERM)
+                _poll(lambda: marked(f"clients-held-{pid}") is not None
+                      or worker.process.poll() is not None, 30, "warm shutdown ends the loop")
+                assert worker.process.poll() is None, "exited before the hold:\n" + worker.log
+                _poll(none_open, 10, "warm shutdown closes the connections",
+                      lambda: f"open: {open_now()}")
+                worker.wait_for(f"per_loop values closed on loop {new['loop']}", 5, start)
+            finally:
+                mark(f"clients-release-{pid}")  # no failed check may hold its exit
+            assert worker.process.wait(30) == 0
+            log_text = _whole_log(worker)
+        assert none_open()
+    assert (server.opened, server.peak) == (2, 1), "two HTTP connections, one at a time"
+    # Celery logs the expected HardTimeout with its traceback: judge the rest of the log.
+    lines = log_text.splitlines()
+    begin = next(i for i, line in enumerate(lines) if "raised unexpected: HardTimeout" in line)
+    end = next(i for i in range(begin, len(lines)) if "HardTimeout: task " in lines[i])
+    log_text = "\n".join(lines[:begin] + lines[end + 1:])
+    for bad in ("Unclosed", "unclosed", "Event loop is closed", "was never awaited",
+                "Task was destroyed", "Traceback"):
+        assert bad not in log_text, f"{bad!r} in the worker's log:\n{log_text}"
+
+
+# ---------------------------------------------------------------------------------------
 # The demo: python test_relier_bridge.py
 # ---------------------------------------------------------------------------------------
 async def demo_checkpoint(ctx: SoftContext) -> None:
