@@ -32,6 +32,7 @@ from celery.exceptions import TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult, EagerResult
 from celery.utils.functional import head_from_fun
+from kombu.asynchronous import get_event_loop as current_hub
 
 if TYPE_CHECKING:
     from typing import ParamSpec
@@ -117,6 +118,7 @@ class _Run:
         self.task: Optional[asyncio.Task[None]] = None
         self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
+        self.hub: Any = None  # kombu's hub, when the waiting thread is the one running it
         self.outcome: Any = None
         self.error: Optional[BaseException] = None
         self.settled = threading.Lock()
@@ -132,6 +134,8 @@ class _Run:
             return
         owner.running.add(self)
         self.started = time.monotonic()
+        if self.hub is not None:  # solo pool: see _note_hub
+            self.hub.call_soon(lambda: None)
         # One timer at a time: the soft one arms the hard one. Most runs end before either.
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
         if first is not None:
@@ -331,6 +335,20 @@ class _Loop:
             finally:
                 loop.close()
 
+
+# Solo pool: the task runs on the thread of kombu's hub, which has queued the task's ack and
+# runs what its own thread queued only after its next poll, up to 10 s later: on AMQP the
+# next task waits for that ack. A call_soon() from another thread ends the poll at once.
+_hub_owner: Optional[tuple[int, int, Any]] = None  # (pid, thread id, hub) of a ready worker
+
+
+def _note_hub(**_: Any) -> None:
+    global _hub_owner
+    hub = current_hub()
+    _hub_owner = None if hub is None else (os.getpid(), threading.get_ident(), hub)
+
+
+signals.worker_ready.connect(_note_hub, weak=False)
 
 _bridge_loop: Optional[_Loop] = None
 _bridge_lock = threading.Lock()
@@ -538,6 +556,9 @@ def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
     soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
     run = _Run(coro, context, limits, task.name, soft)
     if not (request.called_directly or request.is_eager):  # executed by a worker
+        hub = _hub_owner
+        if hub is not None and hub[:2] == (os.getpid(), threading.get_ident()):
+            run.hub = hub[2]
         return _bridge().submit(run).wait()
     owner = _Loop()
     if limits.hard is None:  # nothing to enforce on a blocked loop: drive it here, as asyncio.run

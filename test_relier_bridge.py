@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -741,6 +742,48 @@ def test_waiting_for_a_coroutine_costs_no_cpu() -> None:
         sleeper.pop_request()
     assert relier_bridge._bridge_loop is not None, "ran on the bridge loop"
     assert cpu_spent < 0.1, f"the waiting thread used {cpu_spent:.3f} s of CPU"
+
+
+def test_solo_task_wakes_the_hub_so_its_ack_is_not_held() -> None:
+    # Solo pool, as Celery runs it: the task runs inside a callback of kombu's hub, on the
+    # hub's thread, with its ack already queued by hub.call_soon(). kombu runs callbacks
+    # queued from its own thread only after the next poll, which sleeps up to 10 s while a
+    # timer is scheduled: a broker honouring prefetch (AMQP) sends the next task after it.
+    from kombu.asynchronous import Hub, get_event_loop, set_event_loop
+    from kombu.asynchronous.timer import Timer
+
+    previous, hub = get_event_loop(), Hub(Timer(max_interval=10.0))  # as a worker's hub
+    set_event_loop(hub)
+    broker, sender = socket.socketpair()  # an idle broker connection
+    acked: list[float] = []
+
+    def ack() -> None:
+        acked.append(time.monotonic())
+        sender.send(b"next task")  # the broker's answer to an ack: the next delivery
+
+    def solo_task() -> None:
+        hub.call_soon(ack)  # Celery's early ack, queued before the task runs
+        sleeper.push_request(called_directly=False, id="solo-hub", task=sleeper.name)
+        try:
+            assert sleeper.run(0) == 0
+        finally:
+            sleeper.pop_request()
+
+    try:
+        relier_bridge._note_hub()  # what worker_ready does in a worker
+        hub.add_reader(broker, broker.recv, 64)
+        hub.call_later(60, lambda: None)  # the AMQP heartbeat's timer: polls last 10 s
+        hub.call_soon(solo_task)
+        loop, start = hub.create_loop(), time.monotonic()
+        next(loop)  # runs the task, then polls
+        next(loop)  # runs what the task queued, then reads the "delivery"
+        assert acked and acked[0] - start < 2, "the ack waited for the hub's poll timeout"
+    finally:
+        relier_bridge._hub_owner = None
+        hub.close()
+        set_event_loop(previous)
+        broker.close()
+        sender.close()
 
 
 # ---------------------------------------------------------------------------------------
