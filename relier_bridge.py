@@ -51,7 +51,8 @@ logger = logging.getLogger("relier_bridge")
 CANCEL_GRACE = 1.0
 
 
-class HardTimeout(TimeLimitExceeded):  # type: ignore[misc]
+# Without celery-types, Celery's classes are Any to mypy: subclassing them needs the ignores.
+class HardTimeout(TimeLimitExceeded):  # type: ignore[misc, unused-ignore]
     """The coroutine ran past ``hard_timeout`` and was cancelled; ``partial`` is the hook's last
     ``set_partial`` value. State lives in ``args``, so it survives a result backend."""
 
@@ -493,14 +494,15 @@ class _ResultWatch:
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
 
 
-class BridgedResult(AsyncResult):  # type: ignore[misc]
+class BridgedResult(AsyncResult):  # type: ignore[misc, type-arg, unused-ignore]
     """A Celery AsyncResult that async code can await: ``await result.aget()``."""
 
     async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.1,
                    propagate: bool = True) -> Any:
         """What ``get()`` returns or raises, awaited without holding a thread: one look-up per
         ``interval`` serves all results awaited on this loop. Past ``timeout``: TimeoutError."""
-        if self._cache is None:  # Celery's record of a finished result, which get() reads
+        celery_result = cast(Any, self)  # Celery's own, private cache of a finished result
+        if celery_result._cache is None:
             if not isinstance(self.backend, BaseKeyValueStoreBackend):
                 raise RuntimeError(f"aget reads key-value result backends (Redis, files...), "
                                    f"not {type(self.backend).__name__}: for it, await "
@@ -511,11 +513,11 @@ class BridgedResult(AsyncResult):  # type: ignore[misc]
                 meta = await asyncio.wait_for(watch.wait(self.id, interval), timeout)
             except asyncio.TimeoutError:
                 raise ResultTimeout("The operation timed out.") from None
-            self._maybe_set_cache(meta)
+            celery_result._maybe_set_cache(meta)  # what get() then reads
         return self.get(propagate=propagate, disable_sync_subtasks=False)
 
 
-class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc]
+class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc, type-arg, unused-ignore]
     """An eager result, awaitable like the others: its aget returns at once."""
 
 
@@ -545,7 +547,7 @@ def _refuse_running_loop(call: str) -> None:
                            "`await task.apush(...)`")
 
 
-def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
+def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
              args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
     """Run one call of an async task body to completion, from synchronous code."""
     _refuse_running_loop(f"calling {task.name}() synchronously")
@@ -574,7 +576,7 @@ def _execute(task: celery.Task, body: Callable[..., Coroutine[Any, Any, Any]],
         thread.join(CANCEL_GRACE * 2)
 
 
-class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
+class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, unused-ignore]
     """What ``bridged_task`` adds to a Celery task. Celery builds each task class on its app's
     own Task (or ``base=``), and is handed these attributes as options to add to it."""
 
@@ -589,9 +591,9 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult:
         return BridgedResult(task_id, backend=self.backend, task_name=self.name,
-                             app=self._get_app(), **kwargs)
+                             app=self.app, **kwargs)
 
-    def apply(self, *args: Any, **kwargs: Any) -> BridgedResult:
+    def apply(self, *args: Any, **kwargs: Any) -> _EagerResult:
         # Not super(): this function is copied into classes that need not derive from this one.
         result = celery.Task.apply(self, *args, **kwargs)
         return _EagerResult(*result.__reduce_args__())
@@ -602,7 +604,7 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc]
         request = _current_request.get(None)
         if request is not None and getattr(request, "task", self.name) == self.name:
             return request
-        return self._get_request()
+        return cast(Any, self)._get_request()  # Celery's own request property
 
     if TYPE_CHECKING:
         def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
@@ -653,7 +655,7 @@ def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
         bound = bool(options.get("bind"))
 
         @functools.wraps(body)
-        def run(task: celery.Task, *args: Any, **kwargs: Any) -> Any:
+        def run(task: celery.Task[Any, Any], *args: Any, **kwargs: Any) -> Any:
             return _execute(task, body, args, kwargs, limits, bound)
 
         # Celery reads a task's binding from __header__ (errback style, argument checks): it
