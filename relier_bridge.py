@@ -105,6 +105,8 @@ class _Limits:
 class _Run:
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
+    __slots__ = ("coro", "context", "limits", "name", "soft", "started", "cancelled", "task",
+                 "timer", "hook", "hub", "outcome", "error", "settled", "owner")
     owner: _Loop  # the loop it was last handed to: where it starts, or moves on from
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
@@ -340,13 +342,13 @@ class _Loop:
 # Solo pool: the task runs on the thread of kombu's hub, which has queued the task's ack and
 # runs what its own thread queued only after its next poll, up to 10 s later: on AMQP the
 # next task waits for that ack. A call_soon() from another thread ends the poll at once.
-_hub_owner: Optional[tuple[int, int, Any]] = None  # (pid, thread id, hub) of a ready worker
+_hub_owner: Optional[tuple[int, Any]] = None  # (thread id, hub) of this worker, once ready
 
 
 def _note_hub(**_: Any) -> None:
     global _hub_owner
     hub = current_hub()
-    _hub_owner = None if hub is None else (os.getpid(), threading.get_ident(), hub)
+    _hub_owner = None if hub is None else (threading.get_ident(), hub)
 
 
 signals.worker_ready.connect(_note_hub, weak=False)
@@ -356,8 +358,9 @@ _bridge_lock = threading.Lock()
 
 
 def _forget_bridge_in_child() -> None:
-    global _bridge_loop
+    global _bridge_loop, _hub_owner
     _bridge_loop = None  # the child inherits the loop object, but not the thread driving it
+    _hub_owner = None  # nor the hub: it runs in the parent
     _bridge_lock.release()
 
 
@@ -540,17 +543,17 @@ def _inherit_lineage(headers: dict[str, Any], **_: Any) -> None:
 signals.before_task_publish.connect(_inherit_lineage, weak=False)
 
 
-def _refuse_running_loop(call: str) -> None:
+def _refuse_running_loop(call: str, name: str) -> None:
     if asyncio._get_running_loop() is not None:
-        raise RuntimeError(f"{call} would block the event loop running in this thread (and "
-                           "deadlock if the task needs that loop); from async code use "
-                           "`await task.apush(...)`")
+        raise RuntimeError(f"{call.format(name)} would block the event loop running in this "
+                           "thread (and deadlock if the task needs that loop); from async code "
+                           "use `await task.apush(...)`")
 
 
 def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
              args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
     """Run one call of an async task body to completion, from synchronous code."""
-    _refuse_running_loop(f"calling {task.name}() synchronously")
+    _refuse_running_loop("calling {}() synchronously", task.name)
     request = task.request
     context = contextvars.copy_context()
     context.run(_current_request.set, request)
@@ -559,8 +562,8 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
     run = _Run(coro, context, limits, task.name, soft)
     if not (request.called_directly or request.is_eager):  # executed by a worker
         hub = _hub_owner
-        if hub is not None and hub[:2] == (os.getpid(), threading.get_ident()):
-            run.hub = hub[2]
+        if hub is not None and hub[0] == threading.get_ident():
+            run.hub = hub[1]
         return _bridge().submit(run).wait()
     owner = _Loop()
     if limits.hard is None:  # nothing to enforce on a blocked loop: drive it here, as asyncio.run
@@ -582,7 +585,7 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
 
     def push(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
         """Send the task from synchronous code (``apply_async`` with these arguments)."""
-        _refuse_running_loop(f"{self.name}.push()")
+        _refuse_running_loop("{}.push()", self.name)
         return cast(BridgedResult, self.apply_async(args, kwargs))
 
     async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
