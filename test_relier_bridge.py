@@ -1801,4 +1801,7 @@ def demo() -> None:
 
 
 if __name__ == "__main__":
+    # Celery imports this module by name (the result backend, the transport): let it find
+    # this very module, not a second copy registering every task again (Celery 5.7 warns).
+    sys.modules[MODULE] = sys.modules[__name__]
     demo()
