@@ -139,15 +139,16 @@ class _Run:
         self.started = time.monotonic()
         if self.hub is not None:  # solo pool: see _note_hub
             self.hub.call_soon(lambda: None)
-        # One timer at a time: the soft one arms the hard one. Most runs end before either.
-        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
-        if first is not None:
-            self.timer = owner.loop.call_later(first, self._on_timer)
         if sys.version_info >= (3, 12):  # a body that never suspends settles in this turn
             self.task = asyncio.Task(self._settle(), loop=owner.loop, name=self.name,
                                      eager_start=True)
         else:
             self.task = owner.loop.create_task(self._settle(), name=self.name)
+        # One timer at a time, the soft one arming the hard one, and none for a settled run.
+        first = self.limits.soft if self.limits.soft is not None else self.limits.hard
+        if first is not None and not self.task.done():
+            delay = self.started + first - time.monotonic()  # the first step may have taken long
+            self.timer = owner.loop.call_later(delay, self._on_timer)
 
     async def _settle(self) -> None:
         # Settling inside the task's own step saves the loop turn a done callback costs.
@@ -273,6 +274,9 @@ class _Loop:
     def call(self, callback: Callable[..., Any], *args: Any,
              context: Optional[contextvars.Context] = None) -> None:
         """Run ``callback`` on the loop's thread; nothing happens once the loop is closed."""
+        if self.thread is None:  # driven by this very thread, later: no wake-up to send
+            self.loop.call_soon(callback, *args, context=context)
+            return
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(callback, *args, context=context)
 
