@@ -21,14 +21,16 @@ import os
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, Optional, Protocol, TypeVar, cast, overload
 
 import celery
 from celery import signals
+from celery.app import push_current_task
+from celery.app.task import Context
 from celery.backends.base import BaseKeyValueStoreBackend
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult, EagerResult
 from celery.utils.functional import head_from_fun
@@ -53,16 +55,22 @@ CANCEL_GRACE = 1.0
 
 # Without celery-types, Celery's classes are Any to mypy: subclassing them needs the ignores.
 class HardTimeout(TimeLimitExceeded):  # type: ignore[misc, unused-ignore]
-    """The coroutine ran past ``hard_timeout`` and was cancelled; ``partial`` is the hook's last
-    ``set_partial`` value. State lives in ``args``, so it survives a result backend."""
+    """The coroutine ran past ``hard_timeout`` and was cancelled, or was given up then because
+    ``held_by`` (another task, or a callback) held its event loop; ``partial`` is the hook's
+    last ``set_partial`` value. State lives in ``args``, so it survives a result backend."""
 
-    def __init__(self, task_name: str, limit: float, partial: Any = None) -> None:
-        super().__init__(task_name, limit, partial)
+    def __init__(self, task_name: str, limit: float, partial: Any = None,
+                 held_by: Optional[str] = None) -> None:
+        super().__init__(task_name, limit, partial, held_by)
         self.task_name = task_name
         self.limit = limit
         self.partial = partial
+        self.held_by = held_by
 
     def __str__(self) -> str:
+        if self.held_by is not None:
+            return (f"task {self.task_name} was given up at hard_timeout={self.limit}s: "
+                    f"{self.held_by} held its event loop")
         return f"task {self.task_name} exceeded hard_timeout={self.limit}s and was cancelled"
 
 
@@ -105,8 +113,9 @@ class _Limits:
 class _Run:
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
-    __slots__ = ("coro", "context", "limits", "name", "soft", "started", "cancelled", "task",
-                 "timer", "hook", "hub", "outcome", "error", "settled", "owner")
+    __slots__ = ("coro", "context", "limits", "name", "soft", "started", "cancelled", "given_up",
+                 "held_by", "pending", "task", "timer", "hook", "hub", "outcome", "error",
+                 "settled", "owner")
     owner: _Loop  # the loop it was last handed to: where it starts, or moves on from
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
@@ -118,6 +127,9 @@ class _Run:
         self.soft = soft  # what on_soft sees; made only for tasks with a soft_timeout
         self.started: Optional[float] = None  # on the loop, when the coroutine starts
         self.cancelled = False  # past hard_timeout, or given up by its waiter
+        self.given_up = False  # by its waiter, past its limit: its loop may be stuck
+        self.held_by: Optional[str] = None  # what held the loop then, if not this run
+        self.pending: Optional[BaseException] = None  # to throw in before the next step
         self.task: Optional[asyncio.Task[None]] = None
         self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
@@ -153,7 +165,7 @@ class _Run:
     async def _settle(self) -> None:
         # Settling inside the task's own step saves the loop turn a done callback costs.
         try:
-            self.outcome = await self.coro
+            self.outcome = await self
         except BaseException as exc:  # SystemExit and the like too: they fail this run only
             self.error = exc
         finally:
@@ -163,6 +175,28 @@ class _Run:
                 self.hook.cancel()  # the hook serves a running task only
             self.owner.finished(self)
             self.settled.release()
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        """Step the coroutine as its Task would, except that a ``pending`` exception is thrown
+        in before the next step: even before a wake-up that a blocked loop had queued."""
+        sent: Any = None
+        thrown: Optional[BaseException] = None
+        while True:
+            if self.pending is not None:
+                if isinstance(thrown, asyncio.CancelledError) and sys.version_info >= (3, 11):
+                    cast("asyncio.Task[None]", self.task).uncancel()  # it only woke the body
+                thrown = self.pending
+                self.pending = None
+            try:
+                step = self.coro.send(sent) if thrown is None else self.coro.throw(thrown)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                sent = yield step
+                thrown = None
+            except BaseException as exc:  # what the Task throws in: the awaited one's error
+                sent = None
+                thrown = exc
 
     def _on_timer(self) -> None:
         limits = self.limits
@@ -190,19 +224,37 @@ class _Run:
             self.task.cancel()
         self.owner.finished(self)
 
+    def interrupt(self, exc: BaseException) -> None:
+        """From any thread: ``exc`` lands in the body before its next step; a body waiting for
+        something that may never come is woken for it."""
+        self.pending = exc
+        self.owner.call(self._deliver)
+
+    def _deliver(self) -> None:
+        if self.pending is not None and self.task is not None:
+            self.task.cancel()  # __await__ throws the pending exception in instead
+        if self.cancelled:
+            self.owner.finished(self)
+
     def wait(self) -> Any:
-        """Block until the run settles; return or raise its outcome. Give up ``CANCEL_GRACE``
-        past ``hard_timeout``, or when something is raised into this thread (a time limit)."""
-        try:
-            while not self.settled.acquire(timeout=self._left()):
+        """Block until the run settles; return or raise its outcome. Celery's soft time limit,
+        raised into this thread, is thrown into the body, which may handle it; anything else
+        raised here gives the run up, as does ``CANCEL_GRACE`` past ``hard_timeout``."""
+        while True:
+            try:
+                if self.settled.acquire(timeout=self._left()):
+                    break
                 if self._left() == 0:
                     self._give_up_past_limit()
                     break
-        except BaseException:
-            self.abandon()
-            raise
+            except SoftTimeLimitExceeded as exc:
+                self.interrupt(exc)
+            except BaseException:
+                self.abandon()
+                raise
         if self.cancelled and self.limits.hard is not None:
-            raise HardTimeout(self.name, self.limits.hard, self.soft and self.soft.partial)
+            raise HardTimeout(self.name, self.limits.hard, self.soft and self.soft.partial,
+                              self.held_by)
         if self.error is None:
             return self.outcome
         if isinstance(self.error, Exception):
@@ -219,23 +271,28 @@ class _Run:
         return max(start + self.limits.hard + CANCEL_GRACE - time.monotonic(), 0.0)
 
     def _give_up_past_limit(self) -> None:
+        self.given_up = True
         holder = asyncio.current_task(self.owner.loop)
         if holder is not self.task and self.cancelled:
             logger.warning("task %s ignored cancellation at hard_timeout=%ss; it is left "
                            "running on the loop", self.name, self.limits.hard)
-        elif self.owner.retire():  # the cancel never landed: something holds the loop
-            logger.warning("%s blocked its event loop past the hard_timeout=%ss of task %s; the "
-                           "loop is retired: what started there ends there, the rest moves on",
-                           f"task {holder.get_name()}" if holder else "a callback",
-                           self.limits.hard, self.name)
-            self.owner.move_queued()
+        else:  # the cancel never landed: something holds the loop
+            if holder is not self.task:
+                self.held_by = "a callback" if holder is None else f"task {holder.get_name()}"
+            if self.owner.retire():
+                logger.warning("%s blocked its event loop past the hard_timeout=%ss of task "
+                               "%s; the loop is retired: what started there ends there, the "
+                               "rest moves on", self.held_by or f"task {self.name}",
+                               self.limits.hard, self.name)
+                self.owner.move_queued()
         self.abandon()
 
     def abandon(self) -> None:
-        """Give the run up: if it has not started it never will, else it is cancelled."""
+        """Give the run up: if it has not started it never will; else it is cancelled before
+        its next step, whatever the loop had queued for it."""
         self.cancelled = True  # seen by start, should the run be on its way to another loop
         self.owner.queued.discard(self)
-        self.owner.call(self.cancel)
+        self.interrupt(asyncio.CancelledError())
 
 
 class _LoopState(enum.Enum):
@@ -284,8 +341,8 @@ class _Loop:
         """Hand ``run`` to this loop, or on to the bridge loop if this one has retired."""
         run.owner = self
         self.queued.add(run)
-        if self.state is _LoopState.OPEN:
-            self.call(run.start, self, context=run.context)
+        if self.state is _LoopState.OPEN:  # a copy each time: two loops may start it at once
+            self.call(run.start, self, context=run.context.copy())
         else:  # retired since the caller chose it
             self.move_queued()
         return run
@@ -316,6 +373,8 @@ class _Loop:
         """Turn the loop until it is retired and idle, then shut it down as asyncio.run does.
         What escapes the loop ends a disposable drive; the bridge thread logs it, goes on."""
         loop = self.loop
+        if threading.current_thread() is self.thread:
+            push_current_task(_TASK_OF_CONTEXT)
         try:
             while self.state is _LoopState.OPEN or self.queued or self.running:
                 try:
@@ -334,10 +393,7 @@ class _Loop:
                     _, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE))
                     if stuck:
                         logger.warning("ignored cancellation at loop shutdown: %r", stuck)
-                values = _loop_values.pop(loop, None)
-                if values:  # most loops have none: spare a direct call the extra turn
-                    loop.run_until_complete(_close_values(values))
-                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_asyncgens())  # per_loop values too
                 loop.run_until_complete(loop.shutdown_default_executor())
             finally:
                 loop.close()
@@ -382,6 +438,9 @@ def _bridge() -> _Loop:
     with _bridge_lock:
         if _bridge_loop is None or not _bridge_loop.serving():
             _bridge_loop = _Loop()
+            _bridge_loop.loop.set_default_executor(ThreadPoolExecutor(  # see _TaskOfContext
+                thread_name_prefix="relier-bridge", initializer=push_current_task,
+                initargs=(_TASK_OF_CONTEXT,)))
             _bridge_loop.start_thread(f"relier-bridge-{os.getpid()}")
         return _bridge_loop
 
@@ -423,12 +482,14 @@ class per_loop(Generic[T]):
         if loop is None:
             raise RuntimeError("a per_loop value belongs to an event loop: `await res()` from "
                                "a coroutine running on one")
-        values = _loop_values.setdefault(loop, {})
+        values = _loop_values.get(loop)
+        if values is None:
+            values = _LoopValues(loop)
         if self not in values:
             values[self] = loop.create_task(self._make(values))
         return asyncio.shield(values[self])  # a cancelled waiter leaves the creation running
 
-    async def _make(self, values: dict[per_loop[Any], asyncio.Task[Any]]) -> T:
+    async def _make(self, values: _LoopValues) -> T:
         try:
             value = self.factory()
             return cast(T, await value if inspect.isawaitable(value) else value)
@@ -437,27 +498,45 @@ class per_loop(Generic[T]):
             raise
 
 
-# Each loop's per_loop values (the tasks that make them), oldest first.
-_loop_values: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[per_loop[Any], asyncio.Task[Any]]] = (
-    weakref.WeakKeyDictionary())
+class _LoopValues(dict[per_loop[Any], asyncio.Task[Any]]):
+    """One loop's per_loop values (the tasks that make them), oldest first. They are closed
+    when the loop shuts its async generators down, as asyncio.run, asyncio.Runner, uvicorn
+    and the bridge's own loops do before closing it; then the loop keeps nothing of them."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        _loop_values[loop] = self
+        self.closer = self._close_at_shutdown(loop)
+        with contextlib.suppress(StopIteration):  # started here, it registers with the loop
+            self.closer.asend(None).send(None)
 
-async def _close_values(values: dict[per_loop[Any], asyncio.Task[Any]]) -> None:
-    """Close one loop's values, newest first; a close that fails or hangs is logged."""
-    for res, made in reversed(list(values.items())):
-        if not made.done() or made.cancelled() or made.exception() is not None:  # no value
-            continue
-        value = made.result()
-        close = getattr(value, "aclose", None) or getattr(value, "close", None)
+    async def _close_at_shutdown(
+            self, loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
         try:
-            closing = res.close(value) if res.close else close() if close else None
-            if inspect.isawaitable(closing):
-                await asyncio.wait_for(closing, CANCEL_GRACE)
-        except asyncio.TimeoutError:
-            logger.warning("closing %r took over %ss; left as it is", value, CANCEL_GRACE)
-        except Exception:
-            logger.exception("closing %r raised", value)
+            yield
+        finally:
+            del _loop_values[loop]
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close the values newest first; a close that fails or hangs is logged."""
+        for res, made in reversed(list(self.items())):
+            if not made.done() or made.cancelled() or made.exception() is not None:  # no value
+                continue
+            value = made.result()
+            close = getattr(value, "aclose", None) or getattr(value, "close", None)
+            try:
+                closing = res.close(value) if res.close else close() if close else None
+                if inspect.isawaitable(closing):
+                    await asyncio.wait_for(closing, CANCEL_GRACE)
+            except asyncio.TimeoutError:
+                logger.warning("closing %r took over %ss; left as it is", value, CANCEL_GRACE)
+            except Exception:
+                logger.exception("closing %r raised", value)
+
+
+# Each loop's values, until it shuts down: a loop closed without shutdown_asyncgens() keeps them.
+_loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}
 
 
 class _ResultWatch:
@@ -528,23 +607,35 @@ class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc, type-arg, 
     """An eager result, awaitable like the others: its aget returns at once."""
 
 
-# The request of the bridged task whose coroutine runs in this context: Celery keeps its
+# The bridged task whose coroutine runs in this context, and its request: Celery keeps its
 # request stack per thread, and the coroutine runs on another thread than the worker's.
-_current_request: contextvars.ContextVar[Any] = contextvars.ContextVar("relier_request")
+_current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvars.ContextVar(
+    "relier_current")
 
 
-def _inherit_lineage(headers: dict[str, Any], **_: Any) -> None:
-    """A task sent from a bridged coroutine is its child, as from a task's thread in Celery."""
-    request = _current_request.get(None)
-    if request is None or request.called_directly:
-        return
-    if headers.get("root_id") in (None, headers.get("id")):  # Celery's default: its own id
-        headers["root_id"] = request.root_id or request.id
-    if not headers.get("parent_id"):
-        headers["parent_id"] = request.id
+class _TaskOfContext:
+    """Stands on Celery's task stack of each thread that runs bridged coroutines (a bridge
+    loop's, its executor's), and answers as the bridged task whose coroutine runs in the
+    asking context: so tasks sent meanwhile get their parent, root, priority and a place
+    among its children, and ``celery.current_task`` is that task, as in a plain task."""
+
+    def __bool__(self) -> bool:
+        return _current.get(None) is not None
+
+    @property
+    def request(self) -> Any:
+        current = _current.get(None)
+        return _NO_REQUEST if current is None else current[1]
+
+    def __getattr__(self, name: str) -> Any:
+        current = _current.get(None)
+        if current is None:
+            raise AttributeError(f"no bridged task runs in this context, so no {name!r}")
+        return getattr(current[0], name)
 
 
-signals.before_task_publish.connect(_inherit_lineage, weak=False)
+_TASK_OF_CONTEXT = _TaskOfContext()
+_NO_REQUEST = Context()  # called directly: not a task of the worker's, to Celery
 
 
 def _refuse_running_loop(call: str, name: str) -> None:
@@ -557,10 +648,11 @@ def _refuse_running_loop(call: str, name: str) -> None:
 def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
              args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
     """Run one call of an async task body to completion, from synchronous code."""
-    _refuse_running_loop("calling {}() synchronously", task.name)
-    request = task.request
+    request = cast(Any, task)._get_request()  # Celery's: this call's, also when nested in itself
+    if not request.is_eager:  # an eager call blocks a running loop as a plain task's would
+        _refuse_running_loop("calling {}() synchronously", task.name)
     context = contextvars.copy_context()
-    context.run(_current_request.set, request)
+    context.run(_current.set, (task, request))
     coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
     soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
     run = _Run(coro, context, limits, task.name, soft)
@@ -570,17 +662,19 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
             run.hub = hub[1]
         return _bridge().submit(run).wait()
     owner = _Loop()
-    if limits.hard is None:  # nothing to enforce on a blocked loop: drive it here, as asyncio.run
+    if limits.hard is None and asyncio._get_running_loop() is None:  # as asyncio.run does
         owner.submit(run)
         owner.retire()
         owner.drive()
         return run.wait()
+    # In a thread of its own, to fail on time should it block, or beside a running loop.
     thread = owner.start_thread(f"relier-disposable-{task.name}")
     try:
         return owner.submit(run).wait()
     finally:
         owner.retire()
-        thread.join(CANCEL_GRACE * 2)
+        if not run.given_up:  # else its loop may be stuck: it closes once it frees
+            thread.join(CANCEL_GRACE * 2)
 
 
 class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, unused-ignore]
@@ -608,9 +702,9 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
     @property
     def request(self) -> Any:
         """The request of this task's coroutine running in this context, else Celery's."""
-        request = _current_request.get(None)
-        if request is not None and getattr(request, "task", self.name) == self.name:
-            return request
+        current = _current.get(None)
+        if current is not None and current[0].name == self.name:
+            return current[1]
         return cast(Any, self)._get_request()  # Celery's own request property
 
     if TYPE_CHECKING:
@@ -668,6 +762,11 @@ def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
         # Celery reads a task's binding from __header__ (errback style, argument checks): it
         # must be the body's, not that of this wrapper, which is always bound to the task.
         header = staticmethod(head_from_fun(body, bound=bound))
+        if not bound:  # and pydantic=True binds the arguments to run's signature: the body's
+            signature = inspect.signature(body)  # with the task first
+            task_first = inspect.Parameter("_task", inspect.Parameter.POSITIONAL_ONLY)
+            cast(Any, run).__signature__ = signature.replace(
+                parameters=[task_first, *signature.parameters.values()])
         return register(**{**options, **_TASK_ATTRIBUTES, "bind": True, "__header__": header})(run)
 
     return decorate if fn is None else decorate(fn)

@@ -134,6 +134,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=3600,
+    task_inherit_parent_priority=True,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -1526,6 +1527,266 @@ def test_sqlalchemy_async_engine_made_at_import_serves_forked_children(prefork: 
     assert [reply["value"] for reply in replies] == [n + 1 for n in range(50)]
     for bad in ("different loop", "Event loop is closed"):
         assert bad not in "\n".join(prefork.lines[start:])
+
+
+# ---------------------------------------------------------------------------------------
+# Truthful under faults, and what a plain task does: a given-up run takes no further step,
+# Celery's soft_time_limit reaches the body, each call sees its own request and trail.
+# ---------------------------------------------------------------------------------------
+WAKE_UPS: dict[str, asyncio.Event] = {}
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def woken_behind_a_blocker(key: str) -> None:
+    WAKE_UPS[key] = asyncio.Event()
+    log.warning("waiting %s", key)
+    try:
+        await WAKE_UPS[key].wait()
+        count_run(f"{key}-went-on")  # the side effect that must not follow a reported failure
+    finally:
+        count_run(f"{key}-finally")
+
+
+@bridged_task(app=app)
+async def wakes_then_blocks(key: str, seconds: float) -> None:
+    WAKE_UPS[key].set()  # the waiter's wake-up is queued behind this very step
+    time.sleep(seconds)  # noqa: ASYNC251 - hostile on purpose: never yields to the loop
+
+
+def test_a_run_given_up_takes_no_further_step_and_names_the_blocker(threads: Worker) -> None:
+    key, start = uuid.uuid4().hex, len(threads.lines)
+    healthy = threads.send(woken_behind_a_blocker, key)
+    threads.wait_for(f"waiting {key}", timeout=30, start=start)
+    blocker = threads.send(wakes_then_blocks, key, 4.0)
+    with pytest.raises(HardTimeout) as caught:
+        get(healthy)
+    assert f"task {wakes_then_blocks.name} held its event loop" in str(caught.value)
+    get(blocker, timeout=60)  # the loop is free again: the queued wake-up has had its turn
+    _poll(lambda: runs_of(f"{key}-finally") == 1, 10, "the given-up body's finally")
+    assert runs_of(f"{key}-went-on") == 0, "the body went on after its failure was stored"
+
+
+@bridged_task(app=app)
+async def blocks_its_first_step(key: str) -> None:
+    count_run(key)
+    time.sleep(0.1)  # noqa: ASYNC251 - inside the start of the run, on 3.12+ (eager start)
+    await asyncio.sleep(0)
+
+
+@pytest.mark.timeout(180)
+def test_runs_moved_off_a_blocked_loop_start_once_and_cleanly() -> None:
+    key = uuid.uuid4().hex
+    with running_worker("moves", "threads", 32) as worker:
+        blocker = worker.send(blocks_for, key, 3.0)
+        worker.wait_for(f"blocking {key}", timeout=30)
+        # Queued on the blocked loop; they move when it retires (1 s + grace) and start one
+        # by one on the fresh loop, while the old one frees (3 s) and runs its own starts.
+        moved = [worker.send(blocks_its_first_step, f"{key}-{n}") for n in range(30)]
+        for result in moved:
+            get(result, timeout=60)
+        with pytest.raises(HardTimeout):
+            get(blocker)
+        log_lines = worker.log
+    assert [runs_of(f"{key}-{n}") for n in range(30)] == [1] * 30
+    for bad in ("cannot enter context", "Exception in callback", "never awaited"):
+        assert bad not in log_lines
+
+
+CLOSED_ON_OWN_LOOP: list[bool] = []
+
+
+class ForeignLoopValue:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    async def aclose(self) -> None:
+        CLOSED_ON_OWN_LOOP.append(asyncio.get_running_loop() is self.loop)
+
+
+foreign_loop_value = per_loop(ForeignLoopValue)
+
+
+def test_per_loop_values_on_foreign_loops_are_closed_and_freed() -> None:
+    kept: list[weakref.ref[Any]] = []
+
+    async def use() -> None:
+        kept.append(weakref.ref(await foreign_loop_value()))
+        kept.append(weakref.ref(asyncio.get_running_loop()))
+
+    CLOSED_ON_OWN_LOOP.clear()
+    for _ in range(500):
+        asyncio.run(use())
+    with asyncio.Runner() if sys.version_info >= (3, 11) else contextlib.nullcontext() as runner:
+        if runner is not None:
+            runner.run(use())
+    gc.collect()
+    assert len(CLOSED_ON_OWN_LOOP) == len(kept) // 2 and all(CLOSED_ON_OWN_LOOP)
+    assert not [ref for ref in kept if ref() is not None], "a closed loop or its value is kept"
+    assert not relier_bridge._loop_values
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="needs RELIER_BROKER_URL=redis://... or RELIER_REDIS_URL")
+def test_per_loop_redis_clients_on_asyncio_run_loops_close_their_connections() -> None:
+    import redis
+    import redis.asyncio
+
+    name = f"relier-foreign-{uuid.uuid4().hex[:8]}"
+    client = per_loop(lambda: redis.asyncio.Redis.from_url(REDIS_URL, client_name=name))
+
+    async def use() -> None:
+        await (await client()).ping()
+
+    for _ in range(50):
+        asyncio.run(use())
+    clients = redis.Redis.from_url(REDIS_URL).client_list()
+    assert [c for c in clients if c.get("name") == name] == []
+
+
+CRAWLED: dict[int, tuple[str, list[Any]]] = {}
+
+
+@bridged_task(app=app, bind=True)
+async def crawl(self: celery.Task, page: int) -> None:
+    CRAWLED[page] = (self.request.id, list(self.request.args))
+    if page < 2:
+        await crawl.apush(page + 1)
+
+
+def test_each_eager_call_sees_its_own_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    CRAWLED.clear()
+    crawl.delay(0)
+    assert [CRAWLED[page][1] for page in range(3)] == [[0], [1], [2]]
+    assert len({CRAWLED[page][0] for page in range(3)}) == 3
+
+
+@bridged_task(app=app, bind=True)
+async def sends_children(self: celery.Task) -> list[str]:
+    by_apush = await lineage_leaf.apush()
+    by_delay = lineage_leaf.delay()
+    return [by_apush.id, by_delay.id]
+
+
+def test_tasks_sent_from_a_coroutine_join_its_children(prefork: Worker) -> None:
+    parent = prefork.send(sends_children)
+    sent = get(parent)
+    stored = app.AsyncResult(parent.id)
+    _poll(lambda: stored.children, 10, "the parent's stored children", state=None)
+    assert sorted(child.id for child in stored.children) == sorted(sent)
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def blocks_a_direct_call() -> None:
+    time.sleep(5)  # noqa: ASYNC251 - hostile on purpose: never yields to the loop
+
+
+def test_direct_call_hard_timeout_comes_on_time() -> None:
+    start = time.monotonic()
+    with pytest.raises(HardTimeout):
+        blocks_a_direct_call()
+    took = time.monotonic() - start
+    assert took < 1 + relier_bridge.CANCEL_GRACE + 0.8, f"HardTimeout came {took:.2f} s late"
+
+
+@bridged_task(app=app, bind=True, soft_time_limit=1)
+async def recovers_from_soft_limit(self: celery.Task) -> int:
+    try:
+        await asyncio.sleep(8)
+    except SoftTimeLimitExceeded:
+        return 0
+    return 8
+
+
+@bridged_task(app=app, bind=True, soft_time_limit=1)
+async def cleans_up_after_soft_limit(self: celery.Task) -> None:
+    try:
+        await asyncio.sleep(8)
+    except SoftTimeLimitExceeded:
+        await asyncio.sleep(0.1)  # async cleanup, then the failure goes on
+        mark(f"cleaned-{self.request.id}")
+        raise
+
+
+def test_celery_soft_time_limit_is_raised_in_the_coroutine(prefork: Worker) -> None:
+    assert get(prefork.send(recovers_from_soft_limit)) == 0
+    failing = prefork.send(cleans_up_after_soft_limit)
+    with pytest.raises(SoftTimeLimitExceeded):
+        get(failing)
+    assert marked(f"cleaned-{failing.id}") is not None
+
+
+@bridged_task(app=app)
+async def total(numbers: list[int]) -> int:
+    await asyncio.sleep(0)
+    return sum(numbers)
+
+
+@bridged_task(app=app)
+async def runs_a_canvas_eagerly() -> list[int]:
+    # As in a plain task, Celery refuses .get() inside an eager task unless told otherwise.
+    chained = celery.chain(add.s(1, 2), add.s(3)).apply_async()
+    chorded = celery.chord([add.s(1, 1), add.s(2, 2)])(total.s())
+    return [r.get(disable_sync_subtasks=False) for r in (chained, chorded, add.delay(5, 5))]
+
+
+def test_eager_canvas_inside_a_coroutine_runs_as_for_plain_tasks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    assert runs_a_canvas_eagerly.delay().get() == [6, 6, 10]
+    assert "apush" in call_directly_inside.delay().get()  # a direct call: refused, as before
+
+
+try:
+    import pydantic
+except ImportError:  # the pydantic drill then skips
+    pydantic = None
+PYDANTIC = pydantic is not None and tuple(celery.VERSION[:2]) >= (5, 5)
+
+if PYDANTIC:
+    class Order(pydantic.BaseModel):  # type: ignore[name-defined, misc]
+        item: str
+        quantity: int
+
+    @bridged_task(app=app, pydantic=True)
+    async def doubled(order: Order) -> Order:
+        return Order(item=order.item.upper(), quantity=order.quantity * 2)
+
+    @bridged_task(app=app, pydantic=True, bind=True)
+    async def doubled_bound(self: celery.Task, order: Order) -> Order:
+        return Order(item=order.item, quantity=order.quantity * 2)
+
+
+@pytest.mark.skipif(not PYDANTIC, reason="needs pydantic and Celery 5.5+ (pydantic=True)")
+def test_pydantic_validates_arguments_and_dumps_results(prefork: Worker) -> None:
+    assert get(prefork.send(doubled, {"item": "tea", "quantity": 2})) == {
+        "item": "TEA", "quantity": 4}
+    assert get(prefork.send(doubled_bound, {"item": "tea", "quantity": 3})) == {
+        "item": "tea", "quantity": 6}
+    with pytest.raises(Exception, match="ValidationError"):
+        get(prefork.send(doubled, {"item": "tea"}))
+
+
+@bridged_task(app=app, bind=True)
+async def priority_seen(self: celery.Task) -> Optional[int]:
+    await asyncio.sleep(0)
+    return (self.request.delivery_info or {}).get("priority")  # type: ignore[no-any-return]
+
+
+@bridged_task(app=app)
+async def sends_with_inherited_priority() -> str:
+    return (await priority_seen.apush()).id
+
+
+@app.task
+def plain_sends_with_inherited_priority() -> str:
+    return str(priority_seen.delay().id)
+
+
+def test_children_inherit_the_parent_priority_as_from_a_plain_task(prefork: Worker) -> None:
+    plain_child = get(prefork.send(plain_sends_with_inherited_priority, priority=5))
+    bridged_child = get(prefork.send(sends_with_inherited_priority, priority=5))
+    assert get(app.AsyncResult(plain_child)) == 5
+    assert get(app.AsyncResult(bridged_child)) == 5
 
 
 # ---------------------------------------------------------------------------------------
