@@ -1729,10 +1729,18 @@ async def runs_a_canvas_eagerly() -> list[int]:
     return [r.get(disable_sync_subtasks=False) for r in (chained, chorded, add.delay(5, 5))]
 
 
+@bridged_task(app=app, bind=True, max_retries=2, default_retry_delay=0)
+async def retries_eagerly(self: celery.Task) -> int:
+    if self.request.retries < 2:
+        raise self.retry()
+    return int(self.request.retries)
+
+
 def test_eager_canvas_inside_a_coroutine_runs_as_for_plain_tasks(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(app.conf, "task_always_eager", True)
     assert runs_a_canvas_eagerly.delay().get() == [6, 6, 10]
+    assert retries_eagerly.delay().get(disable_sync_subtasks=False) == 2
     assert "apush" in call_directly_inside.delay().get()  # a direct call: refused, as before
 
 
