@@ -6,6 +6,9 @@
 In a worker, coroutines run on the process's *bridge loop*, driven by a daemon thread, so
 clients made with ``per_loop`` serve task after task. Outside a worker (direct call, eager
 mode) each call gets a *disposable loop*, shut down completely before the call returns.
+It hooks into Celery's worker signals (ready, shutdown), ``os.register_at_fork``, Celery's
+per-thread task stack (for lineage) and each loop's async generator hooks (to close
+``per_loop`` values): all of it in the wiring block at the end.
 """
 from __future__ import annotations
 
@@ -52,8 +55,22 @@ logger = logging.getLogger("relier_bridge")
 # How long a cancelled coroutine, or a per_loop value's close, may take to finish.
 CANCEL_GRACE = 1.0
 
+# The process's state. Its bridge loop, made on first use, forgotten in a forked child:
+_bridge_loop: Optional[_Loop] = None
+_bridge_lock = threading.Lock()
+# (thread id, kombu hub) of a worker whose tasks run on its hub's thread (solo pool): see _Run.
+_hub_owner: Optional[tuple[int, Any]] = None
+# Each loop's per_loop values, until it shuts down (a loop closed without it keeps them).
+_loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}
+# The bridged task whose coroutine runs in this context, and its request: Celery keeps its
+# request stack per thread, and the coroutine runs on another thread than the worker's.
+_current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvars.ContextVar(
+    "relier_current")
 
+
+# Public types -----------------------------------------------------------------------------
 # Without celery-types, Celery's classes are Any to mypy: subclassing them needs the ignores.
+
 class HardTimeout(TimeLimitExceeded):  # type: ignore[misc, unused-ignore]
     """The coroutine ran past ``hard_timeout`` and was cancelled, or was given up then because
     ``held_by`` (another task, or a callback) held its event loop; ``partial`` is the hook's
@@ -110,6 +127,7 @@ class _Limits:
             raise TypeError(f"on_soft must be callable, got {self.on_soft!r}")
 
 
+# A run and its loop: start, settle, timers, give-up, retirement ---------------------------
 class _Run:
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
@@ -201,7 +219,7 @@ class _Run:
     def _on_timer(self) -> None:
         limits = self.limits
         if self.hook is not None or self.soft is None:  # past hard_timeout
-            self.cancel()
+            self.abandon()
             return
         self.hook = asyncio.ensure_future(self._soft_hook(self.soft))
         if limits.hard is not None and limits.soft is not None:
@@ -217,20 +235,13 @@ class _Run:
         except Exception:
             logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
-    def cancel(self) -> None:
-        """On the loop: cancel the run, which stops counting among the loop's running ones."""
-        self.cancelled = True
-        if self.task is not None:
-            self.task.cancel()
-        self.owner.finished(self)
-
     def interrupt(self, exc: BaseException) -> None:
         """From any thread: ``exc`` lands in the body before its next step; a body waiting for
         something that may never come is woken for it."""
         self.pending = exc
         self.owner.call(self._deliver)
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> None:  # on the loop
         if self.pending is not None and self.task is not None:
             self.task.cancel()  # __await__ throws the pending exception in instead
         if self.cancelled:
@@ -288,8 +299,9 @@ class _Run:
         self.abandon()
 
     def abandon(self) -> None:
-        """Give the run up: if it has not started it never will; else it is cancelled before
-        its next step, whatever the loop had queued for it."""
+        """Give the run up (past ``hard_timeout``, or its waiter's): if it has not started it
+        never will; else it is cancelled before its next step, whatever its loop had queued
+        for it, and stops counting among the loop's running ones."""
         self.cancelled = True  # seen by start, should the run be on its way to another loop
         self.owner.queued.discard(self)
         self.interrupt(asyncio.CancelledError())
@@ -399,36 +411,7 @@ class _Loop:
                 loop.close()
 
 
-# Solo pool: the task runs on the thread of kombu's hub, which has queued the task's ack and
-# runs what its own thread queued only after its next poll, up to 10 s later: on AMQP the
-# next task waits for that ack. A call_soon() from another thread ends the poll at once.
-_hub_owner: Optional[tuple[int, Any]] = None  # (thread id, hub) of this worker, once ready
-
-
-def _note_hub(**_: Any) -> None:
-    global _hub_owner
-    hub = current_hub()
-    _hub_owner = None if hub is None else (threading.get_ident(), hub)
-
-
-signals.worker_ready.connect(_note_hub, weak=False)
-
-_bridge_loop: Optional[_Loop] = None
-_bridge_lock = threading.Lock()
-
-
-def _forget_bridge_in_child() -> None:
-    global _bridge_loop, _hub_owner
-    _bridge_loop = None  # the child inherits the loop object, but not the thread driving it
-    _hub_owner = None  # nor the hub: it runs in the parent
-    _bridge_lock.release()
-
-
-# Hold the lock across fork() so that no child inherits it locked by a thread it lacks.
-os.register_at_fork(before=_bridge_lock.acquire, after_in_parent=_bridge_lock.release,
-                    after_in_child=_forget_bridge_in_child)
-
-
+# The process's bridge loop, and disposable loops for direct and eager calls ---------------
 def _bridge() -> _Loop:
     """Return this process's bridge loop, made on first use, after fork or retirement."""
     global _bridge_loop
@@ -452,15 +435,68 @@ def close_bridge_loop(**_: Any) -> None:
         bridge.thread.join(CANCEL_GRACE * 5)
 
 
-signals.worker_process_shutdown.connect(close_bridge_loop, weak=False)
-signals.worker_shutdown.connect(close_bridge_loop, weak=False)
+def _forget_bridge_in_child() -> None:
+    global _bridge_loop, _hub_owner
+    _bridge_loop = None  # the child inherits the loop object, but not the thread driving it
+    _hub_owner = None  # nor the hub: it runs in the parent
+    _bridge_lock.release()
 
 
+# Solo pool: the task runs on the thread of kombu's hub, which has queued the task's ack and
+# runs what its own thread queued only after its next poll, up to 10 s later: on AMQP the
+# next task waits for that ack. A call_soon() from another thread ends the poll at once.
+def _note_hub(**_: Any) -> None:
+    global _hub_owner
+    hub = current_hub()
+    _hub_owner = None if hub is None else (threading.get_ident(), hub)
+
+
+def _refuse_running_loop(call: str, name: str) -> None:
+    if asyncio._get_running_loop() is not None:
+        raise RuntimeError(f"{call.format(name)} would block the event loop running in this "
+                           "thread (and deadlock if the task needs that loop); from async code "
+                           "use `await task.apush(...)`")
+
+
+def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
+             args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
+    """Run one call of an async task body to completion, from synchronous code."""
+    request = cast(Any, task)._get_request()  # Celery's: this call's, also when nested in itself
+    if not request.is_eager:  # an eager call blocks a running loop as a plain task's would
+        _refuse_running_loop("calling {}() synchronously", task.name)
+    context = contextvars.copy_context()
+    context.run(_current.set, (task, request))
+    coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
+    soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
+    run = _Run(coro, context, limits, task.name, soft)
+    if not (request.called_directly or request.is_eager):  # executed by a worker
+        hub = _hub_owner
+        if hub is not None and hub[0] == threading.get_ident():
+            run.hub = hub[1]
+        return _bridge().submit(run).wait()
+    owner = _Loop()
+    # Driven here, as asyncio.run does; or by a thread of its own, to fail on time should it
+    # block, or beside this thread's running loop (a call nested in an eager one).
+    inline = limits.hard is None and asyncio._get_running_loop() is None
+    thread = None if inline else owner.start_thread(f"relier-disposable-{task.name}")
+    owner.submit(run)
+    owner.retire()
+    if thread is None:
+        owner.drive()
+    try:
+        return run.wait()
+    finally:
+        if thread is not None and not run.given_up:  # given up, it closes once it frees
+            thread.join(CANCEL_GRACE * 2)
+
+
+# per_loop: one value per event loop, closed on it when it shuts down ----------------------
 class per_loop(Generic[T]):
     """``await res()``: the running loop's value, made by ``factory()`` (awaited if need be) on
-    first use, once, for all first users; a failed creation is retried next call. When a
-    bridge or disposable loop ends, its values are closed newest first: ``close(value)``,
-    else ``value.aclose()``, else ``value.close()``, awaited if need be."""
+    first use, once, for all first users; a failed creation is retried next call. When the
+    loop shuts down (any loop: see _LoopValues) its values are closed newest first:
+    ``close(value)``, else ``value.aclose()``, else ``value.close()``, awaited if need be;
+    a close that fails or takes over ``CANCEL_GRACE`` is logged."""
 
     @overload
     def __init__(self, factory: Callable[[], Awaitable[T]], *,
@@ -497,6 +533,17 @@ class per_loop(Generic[T]):
             del values[self]  # the next call tries again
             raise
 
+    async def _close(self, value: T) -> None:
+        close = getattr(value, "aclose", None) or getattr(value, "close", None)
+        try:
+            closing = self.close(value) if self.close else close() if close else None
+            if inspect.isawaitable(closing):
+                await asyncio.wait_for(closing, CANCEL_GRACE)
+        except asyncio.TimeoutError:
+            logger.warning("closing %r took over %ss; left as it is", value, CANCEL_GRACE)
+        except Exception:
+            logger.exception("closing %r raised", value)
+
 
 class _LoopValues(dict[per_loop[Any], asyncio.Task[Any]]):
     """One loop's per_loop values (the tasks that make them), oldest first. They are closed
@@ -516,29 +563,12 @@ class _LoopValues(dict[per_loop[Any], asyncio.Task[Any]]):
             yield
         finally:
             del _loop_values[loop]
-            await self._close()
-
-    async def _close(self) -> None:
-        """Close the values newest first; a close that fails or hangs is logged."""
-        for res, made in reversed(list(self.items())):
-            if not made.done() or made.cancelled() or made.exception() is not None:  # no value
-                continue
-            value = made.result()
-            close = getattr(value, "aclose", None) or getattr(value, "close", None)
-            try:
-                closing = res.close(value) if res.close else close() if close else None
-                if inspect.isawaitable(closing):
-                    await asyncio.wait_for(closing, CANCEL_GRACE)
-            except asyncio.TimeoutError:
-                logger.warning("closing %r took over %ss; left as it is", value, CANCEL_GRACE)
-            except Exception:
-                logger.exception("closing %r raised", value)
+            for res, made in reversed(list(self.items())):
+                if made.done() and not made.cancelled() and made.exception() is None:
+                    await res._close(made.result())
 
 
-# Each loop's values, until it shuts down: a loop closed without shutdown_asyncgens() keeps them.
-_loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}
-
-
+# Results: aget ----------------------------------------------------------------------------
 class _ResultWatch:
     """The results of one backend awaited on one loop: one poller reads them all per tick."""
 
@@ -607,12 +637,7 @@ class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc, type-arg, 
     """An eager result, awaitable like the others: its aget returns at once."""
 
 
-# The bridged task whose coroutine runs in this context, and its request: Celery keeps its
-# request stack per thread, and the coroutine runs on another thread than the worker's.
-_current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvars.ContextVar(
-    "relier_current")
-
-
+# Lineage: Celery's current task, on the threads that run bridged coroutines ---------------
 class _TaskOfContext:
     """Stands on Celery's task stack of each thread that runs bridged coroutines (a bridge
     loop's, its executor's), and answers as the bridged task whose coroutine runs in the
@@ -638,45 +663,7 @@ _TASK_OF_CONTEXT = _TaskOfContext()
 _NO_REQUEST = Context()  # called directly: not a task of the worker's, to Celery
 
 
-def _refuse_running_loop(call: str, name: str) -> None:
-    if asyncio._get_running_loop() is not None:
-        raise RuntimeError(f"{call.format(name)} would block the event loop running in this "
-                           "thread (and deadlock if the task needs that loop); from async code "
-                           "use `await task.apush(...)`")
-
-
-def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
-             args: tuple[Any, ...], kwargs: dict[str, Any], limits: _Limits, bound: bool) -> Any:
-    """Run one call of an async task body to completion, from synchronous code."""
-    request = cast(Any, task)._get_request()  # Celery's: this call's, also when nested in itself
-    if not request.is_eager:  # an eager call blocks a running loop as a plain task's would
-        _refuse_running_loop("calling {}() synchronously", task.name)
-    context = contextvars.copy_context()
-    context.run(_current.set, (task, request))
-    coro = body(task, *args, **kwargs) if bound else body(*args, **kwargs)
-    soft = SoftContext(request.id, task.name, args, kwargs) if limits.soft is not None else None
-    run = _Run(coro, context, limits, task.name, soft)
-    if not (request.called_directly or request.is_eager):  # executed by a worker
-        hub = _hub_owner
-        if hub is not None and hub[0] == threading.get_ident():
-            run.hub = hub[1]
-        return _bridge().submit(run).wait()
-    owner = _Loop()
-    if limits.hard is None and asyncio._get_running_loop() is None:  # as asyncio.run does
-        owner.submit(run)
-        owner.retire()
-        owner.drive()
-        return run.wait()
-    # In a thread of its own, to fail on time should it block, or beside a running loop.
-    thread = owner.start_thread(f"relier-disposable-{task.name}")
-    try:
-        return owner.submit(run).wait()
-    finally:
-        owner.retire()
-        if not run.given_up:  # else its loop may be stuck: it closes once it frees
-            thread.join(CANCEL_GRACE * 2)
-
-
+# The task class and the decorator ---------------------------------------------------------
 class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, unused-ignore]
     """What ``bridged_task`` adds to a Celery task. Celery builds each task class on its app's
     own Task (or ``base=``), and is handed these attributes as options to add to it."""
@@ -770,3 +757,12 @@ def bridged_task(fn: Any = None, /, *, app: Optional[celery.Celery] = None,
         return register(**{**options, **_TASK_ATTRIBUTES, "bind": True, "__header__": header})(run)
 
     return decorate if fn is None else decorate(fn)
+
+
+# Wiring into Celery and the interpreter ---------------------------------------------------
+signals.worker_ready.connect(_note_hub, weak=False)
+signals.worker_process_shutdown.connect(close_bridge_loop, weak=False)
+signals.worker_shutdown.connect(close_bridge_loop, weak=False)
+# Hold the lock across fork() so that no child inherits it locked by a thread it lacks.
+os.register_at_fork(before=_bridge_lock.acquire, after_in_parent=_bridge_lock.release,
+                    after_in_child=_forget_bridge_in_child)
