@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Generic, Optional, Protocol, TypeVar, cas
 
 import celery
 from celery import signals
-from celery.app import push_current_task
+from celery.app import pop_current_task, push_current_task
 from celery.app.task import Context
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -385,14 +385,15 @@ class _Loop:
         """Turn the loop until it is retired and idle, then shut it down as asyncio.run does.
         What escapes the loop ends a disposable drive; the bridge thread logs it, goes on."""
         loop = self.loop
-        if threading.current_thread() is self.thread:
+        own_thread = threading.current_thread() is self.thread
+        if own_thread:
             push_current_task(_TASK_OF_CONTEXT)
         try:
             while self.state is _LoopState.OPEN or self.queued or self.running:
                 try:
                     loop.run_forever()
                 except BaseException as exc:
-                    if threading.current_thread() is not self.thread:
+                    if not own_thread:
                         raise
                     logger.error("%r escaped a coroutine; the bridge loop goes on", exc)
         finally:
@@ -409,6 +410,8 @@ class _Loop:
                 loop.run_until_complete(loop.shutdown_default_executor())
             finally:
                 loop.close()
+                if own_thread:  # a later thread may get this one's id, and its task stack
+                    pop_current_task()
 
 
 # The process's bridge loop, and disposable loops for direct and eager calls ---------------
