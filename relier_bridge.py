@@ -25,14 +25,14 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Generic, Optional, Protocol, TypeVar, cast, overload
 
-import celery
-from celery import signals
-from celery.backends.base import BaseKeyValueStoreBackend
-from celery.exceptions import TimeLimitExceeded
-from celery.exceptions import TimeoutError as ResultTimeout
-from celery.result import AsyncResult, EagerResult
-from celery.utils.functional import head_from_fun
-from kombu.asynchronous import get_event_loop as current_hub
+import celery  # type: ignore[import-untyped, unused-ignore]
+from celery import signals  # type: ignore[import-untyped, unused-ignore]
+from celery.backends.base import BaseKeyValueStoreBackend  # type: ignore[import-untyped, unused-ignore]
+from celery.exceptions import TimeLimitExceeded  # type: ignore[import-untyped, unused-ignore]
+from celery.exceptions import TimeoutError as ResultTimeout  # type: ignore[import-untyped, unused-ignore]
+from celery.result import AsyncResult, EagerResult  # type: ignore[import-untyped, unused-ignore]
+from celery.utils.functional import head_from_fun  # type: ignore[import-untyped, unused-ignore]
+from kombu.asynchronous import get_event_loop as current_hub  # type: ignore[import-untyped, unused-ignore]
 
 if TYPE_CHECKING:
     from typing import ParamSpec
