@@ -8,8 +8,16 @@ Configuration, by environment variables alone:
                           (kombu's file-system transport made atomic) in a fresh temp folder
   RELIER_RESULT_BACKEND   result backend; default: files in the same folder for the embedded
                           broker, the broker's own URL for redis://, else rpc://
+  RELIER_REDIS_URL        a Redis server for the redis.asyncio drills when the broker is not
+                          Redis (needs redis); default: the broker's URL if it is redis://
   RELIER_POSTGRES_URL     e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test, enables the
                           SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg)
+  RELIER_QUICK=1          skips the long drills (fork churn, 2000-task leak check, warm
+                          shutdown, 2000-task stress run): about a third of the run's time
+  RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
+
+Every option the file needs is set here (a hang fails a test after 120 s: pytest-timeout),
+so it runs the same beside relier_bridge.py alone as in its repository.
 """
 from __future__ import annotations
 
@@ -60,6 +68,10 @@ DATA_DIR_OWNED = "RELIER_DATA_DIR" not in os.environ
 DATA_DIR = Path(os.environ.setdefault("RELIER_DATA_DIR", tempfile.mkdtemp(prefix="relier-")))
 BROKER_URL = os.environ.get("RELIER_BROKER_URL", "relierfs://")
 EMBEDDED = BROKER_URL == "relierfs://"
+# A skip, not a pytest marker: a test module cannot register a marker, and a vendored copy
+# has no configuration file to do it.
+long_drill = pytest.mark.skipif(os.environ.get("RELIER_QUICK", "") not in ("", "0"),
+                                reason="a long drill: RELIER_QUICK is set; unset it to run this")
 
 
 class AtomicFilesystemChannel(filesystem.Channel):  # type: ignore[misc]
@@ -450,7 +462,7 @@ def test_solo_and_threads_pools_share_one_loop(pool: str, request: Any) -> None:
     assert len(_check_one_loop_per_process(facts)) == 1
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(240)
 def test_replacement_children_create_their_own_loop() -> None:
     count = int(os.environ.get("RELIER_CHURN_TASKS", "200"))
@@ -963,7 +975,7 @@ def test_drill_celery_time_limit_kill_gives_a_fresh_loop(prefork: Worker) -> Non
     _check_one_loop_per_process(facts)
 
 
-@pytest.mark.slow
+@long_drill
 def test_drill_warm_shutdown_finishes_the_task_then_closes_the_loop() -> None:
     worker = Worker("shutdown", "prefork", 1)
     try:
@@ -990,7 +1002,7 @@ def test_drill_lost_child_is_redelivered(prefork: Worker) -> None:
     assert get(result, timeout=60) != doomed
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(300)
 def test_drill_no_leaks_after_2000_tasks() -> None:
     count = int(os.environ.get("RELIER_LEAK_TASKS", "2000"))
@@ -1133,7 +1145,7 @@ async def stress_raises(key: str) -> None:
     raise ValueError(key)
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(400)
 def test_stress_blocked_loops_and_failures_spare_every_other_task() -> None:
     count = int(os.environ.get("RELIER_STRESS_TASKS", "2000"))
