@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import importlib.util
 import logging
 import os
 import random
@@ -766,7 +767,8 @@ def test_solo_task_wakes_the_hub_so_its_ack_is_not_held() -> None:
     from kombu.asynchronous.timer import Timer
 
     if kombu.VERSION < (5, 7):
-        pytest.skip("kombu < 5.7: its hub cannot be woken from another thread at all")
+        pytest.skip("kombu < 5.7: its hub cannot be woken from another thread at all; "
+                    "kombu >= 5.7 runs this")
     previous = get_event_loop()
     hub = Hub(Timer(max_interval=10.0))  # as a worker's hub
     set_event_loop(hub)
@@ -1019,7 +1021,8 @@ def test_drill_no_leaks_after_2000_tasks() -> None:
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_drill_green_thread_pools_are_refused(pool: str) -> None:
-    pytest.importorskip(pool)
+    if importlib.util.find_spec(pool) is None:  # the worker imports it, not this process
+        pytest.skip(f"{pool} is not installed: pip install {pool} to run this")
     with running_worker(pool, pool, 10) as worker:
         result = worker.send(add, 1, 2)
         with pytest.raises(RuntimeError, match="real threads"):
@@ -1351,7 +1354,8 @@ def test_per_loop_refuses_bad_use() -> None:
 
 
 def test_per_loop_is_typed_by_its_factory(tmp_path: Path) -> None:
-    mypy = pytest.importorskip("mypy.api")
+    mypy = pytest.importorskip("mypy.api", reason="mypy is not installed: pip install mypy "
+                               "to run this")
     snippet = tmp_path / "uses_per_loop.py"
     snippet.write_text(
         "from relier_bridge import per_loop\n"
@@ -1516,7 +1520,8 @@ async def postgres_query(n: int) -> dict[str, Any]:
     return {"value": value, "pid": os.getpid()}
 
 
-@pytest.mark.skipif(not REDIS_URL, reason="needs RELIER_BROKER_URL=redis://... or RELIER_REDIS_URL")
+@pytest.mark.skipif(not REDIS_URL, reason="needs a Redis server: set RELIER_REDIS_URL=redis://... "
+                    "or a redis:// RELIER_BROKER_URL (and pip install redis) to run this")
 @pytest.mark.timeout(240)
 def test_redis_asyncio_client_reused_across_500_tasks(prefork: Worker) -> None:
     start = len(prefork.lines)
@@ -1531,7 +1536,9 @@ def test_redis_asyncio_client_reused_across_500_tasks(prefork: Worker) -> None:
         assert bad not in "\n".join(prefork.lines[start:])
 
 
-@pytest.mark.skipif(not POSTGRES_URL, reason="needs RELIER_POSTGRES_URL")
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs PostgreSQL: set RELIER_POSTGRES_URL="
+                    "postgresql+asyncpg://... (and pip install 'sqlalchemy[asyncio]' asyncpg) "
+                    "to run this")
 def test_sqlalchemy_async_engine_made_at_import_serves_forked_children(prefork: Worker) -> None:
     start = len(prefork.lines)
     replies = [get(r, timeout=60) for r in [prefork.send(postgres_query, n) for n in range(50)]]
@@ -1710,7 +1717,7 @@ def test_per_loop_real_clients_close_their_connections_when_the_loop_ends(
     engine (with PostgreSQL), each a per_loop value, each seen from its server: one
     connection while the loop serves, none once the loop has ended, from a retired loop
     while the worker lives on as from the last loop at warm shutdown."""
-    pytest.importorskip("httpx")
+    pytest.importorskip("httpx", reason="httpx is not installed: pip install httpx to run this")
     server = counting_http_server
     with contextlib.ExitStack() as stack:
         counters: dict[str, Any] = {"http": lambda: set(server.open)}
