@@ -1819,7 +1819,7 @@ def demo() -> None:
         except HardTimeout as error:
             print("demo_import(20)         ->", f"{type(error).__name__}: {error};",
                   "partial =", error.partial)
-    print("worker stopped (pid", worker.process.pid, "exit code", worker.process.returncode, ")")
+    print(f"worker stopped (pid {worker.process.pid}, exit code {worker.process.returncode})")
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
