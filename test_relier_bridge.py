@@ -17,7 +17,10 @@ Configuration, by environment variables alone:
   RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
 
 Every option the file needs is set here (a hang fails a test after 120 s: pytest-timeout),
-so it runs the same beside relier_bridge.py alone as in its repository.
+so it runs the same beside relier_bridge.py alone as in its repository. At its end it
+deletes what it made on a broker and a backend it does not own: the queues (and their
+exchanges) it declared, the results of the tasks it and its workers sent, the redis
+drill's keys.
 """
 from __future__ import annotations
 
@@ -47,11 +50,12 @@ from typing import Any, Optional
 
 import celery
 import pytest
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.filesystem import FilesystemBackend
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
-from celery.signals import task_prerun, worker_init
+from celery.signals import after_task_publish, task_prerun, worker_init
 from kombu.exceptions import EncodeError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import ensure_bytes
@@ -69,6 +73,7 @@ DATA_DIR_OWNED = "RELIER_DATA_DIR" not in os.environ
 DATA_DIR = Path(os.environ.setdefault("RELIER_DATA_DIR", tempfile.mkdtemp(prefix="relier-")))
 BROKER_URL = os.environ.get("RELIER_BROKER_URL", "relierfs://")
 EMBEDDED = BROKER_URL == "relierfs://"
+QUEUES: set[str] = set()  # every queue this run declares on the broker, deleted at its end
 # A skip, not a pytest marker: a test module cannot register a marker, and a vendored copy
 # has no configuration file to do it.
 long_drill = pytest.mark.skipif(os.environ.get("RELIER_QUICK", "") not in ("", "0"),
@@ -148,6 +153,15 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=3600,
 )
+
+
+@after_task_publish.connect
+def _remember_sent_task(headers: Optional[dict[str, Any]] = None, **_: Any) -> None:
+    # Here and in the workers (tasks sent from coroutines, chains): the shared data folder
+    # collects every id, so that the run can delete its results from the team's backend.
+    if headers and "id" in headers:
+        with open(DATA_DIR / f"sent-{os.getpid()}", "a") as sent:
+            sent.write(headers["id"] + "\n")
 
 # ---------------------------------------------------------------------------------------
 # Tasks the workers run. Each reports what it saw, so the tests can judge from outside.
@@ -332,6 +346,7 @@ class Worker:
     def __init__(self, name: str, pool: str, concurrency: int, *extra: str,
                  env: Optional[dict[str, str]] = None) -> None:
         self.name, self.queue = name, f"relier-{RUN_ID}-{name}"
+        QUEUES.add(self.queue)
         command = [sys.executable, "-m", "celery", "-A", MODULE, "worker", "-P", pool,
                    "-c", str(concurrency), "-Q", self.queue, "-n", f"{name}-{RUN_ID}@%h",
                    "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -408,10 +423,45 @@ def running_worker(name: str, pool: str, concurrency: int, *extra: str,
         worker.stop()
 
 
+def delete_queues() -> None:
+    """Delete the queues and exchanges this run declared on a broker it does not own (the
+    embedded one goes with its folder): else each would stay, a durable queue and exchange
+    on RabbitMQ, a `_kombu.binding.<queue>` key on Redis."""
+    if EMBEDDED:
+        return
+    QUEUES.update((app.conf.task_default_queue, f"relier-{RUN_ID}-nobody"))
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for name in sorted(QUEUES):
+            queue = app.amqp.queues[name](channel)  # as the worker declared it
+            queue.declare()  # kombu's Redis channel deletes only bindings it has declared
+            queue.delete()
+            queue.exchange.delete()
+
+
+def delete_results() -> None:
+    """Delete the results of every task this run sent from a key-value backend it does not
+    own (files beside the embedded broker go with their folder; rpc:// keeps none)."""
+    if isinstance(app.backend, BaseKeyValueStoreBackend) and not (
+            EMBEDDED and "RELIER_RESULT_BACKEND" not in os.environ):
+        for sent in DATA_DIR.glob("sent-*"):
+            for task_id in sent.read_text().split():
+                app.backend.forget(task_id)
+    if REDIS_URL:
+        import redis
+
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for key in client.scan_iter(f"relier-{RUN_ID}-*"):  # redis_round_trip's
+                client.delete(key)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_dir() -> Iterator[None]:
     yield
     relier_bridge.close_bridge_loop()
+    # After every worker has stopped: the session fixtures set up after this one end first.
+    delete_queues()
+    delete_results()
     if DATA_DIR_OWNED:
         shutil.rmtree(DATA_DIR, ignore_errors=True)
 
@@ -1820,6 +1870,8 @@ def demo() -> None:
             print("demo_import(20)         ->", f"{type(error).__name__}: {error};",
                   "partial =", error.partial)
     print(f"worker stopped (pid {worker.process.pid}, exit code {worker.process.returncode})")
+    delete_queues()
+    delete_results()
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
