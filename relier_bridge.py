@@ -10,6 +10,8 @@ It hooks into Celery's worker signals (ready, shutdown), ``os.register_at_fork``
 per-thread task stack (for lineage) and each loop's async generator hooks (to close
 ``per_loop`` values): all of it in the wiring block at the end.
 """
+# Celery ships no type hints: a folder that vendors this module needs no mypy config for it.
+# mypy: disable-error-code="import-untyped"
 from __future__ import annotations
 
 import asyncio
@@ -662,7 +664,7 @@ class _TaskOfContext:
         return getattr(current[0], name)
 
 
-_TASK_OF_CONTEXT = _TaskOfContext()
+_TASK_OF_CONTEXT: celery.Task[Any, Any] = cast(Any, _TaskOfContext())  # as Celery sees it
 _NO_REQUEST = Context()  # called directly: not a task of the worker's, to Celery
 
 

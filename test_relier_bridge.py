@@ -8,8 +8,19 @@ Configuration, by environment variables alone:
                           (kombu's file-system transport made atomic) in a fresh temp folder
   RELIER_RESULT_BACKEND   result backend; default: files in the same folder for the embedded
                           broker, the broker's own URL for redis://, else rpc://
+  RELIER_REDIS_URL        a Redis server for the redis.asyncio drills when the broker is not
+                          Redis (needs redis); default: the broker's URL if it is redis://
   RELIER_POSTGRES_URL     e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test, enables the
                           SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg)
+  RELIER_QUICK=1          skips the long drills (fork churn, 2000-task leak check, warm
+                          shutdown, 2000-task stress run): about 2 min instead of 6
+  RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
+
+Every option the file needs is set here (a hang fails a test after 120 s: pytest-timeout),
+so it runs the same beside relier_bridge.py alone as in its repository. At its end it
+deletes what it made on a broker and a backend it does not own: the queues (and their
+exchanges) it declared, the results of the tasks it and its workers sent, the redis
+drill's keys.
 """
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import importlib.util
 import logging
 import os
 import random
@@ -38,11 +50,12 @@ from typing import Any, Optional
 
 import celery
 import pytest
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.filesystem import FilesystemBackend
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
-from celery.signals import task_prerun, worker_init
+from celery.signals import after_task_publish, task_prerun, worker_init
 from kombu.exceptions import EncodeError
 from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import ensure_bytes
@@ -60,6 +73,11 @@ DATA_DIR_OWNED = "RELIER_DATA_DIR" not in os.environ
 DATA_DIR = Path(os.environ.setdefault("RELIER_DATA_DIR", tempfile.mkdtemp(prefix="relier-")))
 BROKER_URL = os.environ.get("RELIER_BROKER_URL", "relierfs://")
 EMBEDDED = BROKER_URL == "relierfs://"
+QUEUES: set[str] = set()  # every queue this run declares on the broker, deleted at its end
+# A skip, not a pytest marker: a test module cannot register a marker, and a vendored copy
+# has no configuration file to do it.
+long_drill = pytest.mark.skipif(os.environ.get("RELIER_QUICK", "") not in ("", "0"),
+                                reason="a long drill: RELIER_QUICK is set; unset it to run this")
 
 
 class AtomicFilesystemChannel(filesystem.Channel):  # type: ignore[misc]
@@ -136,6 +154,15 @@ app.conf.update(
     result_expires=3600,
     task_inherit_parent_priority=True,
 )
+
+
+@after_task_publish.connect
+def _remember_sent_task(headers: Optional[dict[str, Any]] = None, **_: Any) -> None:
+    # Here and in the workers (tasks sent from coroutines, chains): the shared data folder
+    # collects every id, so that the run can delete its results from the team's backend.
+    if headers and "id" in headers:
+        with open(DATA_DIR / f"sent-{os.getpid()}", "a") as sent:
+            sent.write(headers["id"] + "\n")
 
 # ---------------------------------------------------------------------------------------
 # Tasks the workers run. Each reports what it saw, so the tests can judge from outside.
@@ -320,6 +347,7 @@ class Worker:
     def __init__(self, name: str, pool: str, concurrency: int, *extra: str,
                  env: Optional[dict[str, str]] = None) -> None:
         self.name, self.queue = name, f"relier-{RUN_ID}-{name}"
+        QUEUES.add(self.queue)
         command = [sys.executable, "-m", "celery", "-A", MODULE, "worker", "-P", pool,
                    "-c", str(concurrency), "-Q", self.queue, "-n", f"{name}-{RUN_ID}@%h",
                    "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -396,10 +424,45 @@ def running_worker(name: str, pool: str, concurrency: int, *extra: str,
         worker.stop()
 
 
+def delete_queues() -> None:
+    """Delete the queues and exchanges this run declared on a broker it does not own (the
+    embedded one goes with its folder): else each would stay, a durable queue and exchange
+    on RabbitMQ, a `_kombu.binding.<queue>` key on Redis."""
+    if EMBEDDED:
+        return
+    QUEUES.update((app.conf.task_default_queue, f"relier-{RUN_ID}-nobody"))
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for name in sorted(QUEUES):
+            queue = app.amqp.queues[name](channel)  # as the worker declared it
+            queue.declare()  # kombu's Redis channel deletes only bindings it has declared
+            queue.delete()
+            queue.exchange.delete()
+
+
+def delete_results() -> None:
+    """Delete the results of every task this run sent from a key-value backend it does not
+    own (files beside the embedded broker go with their folder; rpc:// keeps none)."""
+    if isinstance(app.backend, BaseKeyValueStoreBackend) and not (
+            EMBEDDED and "RELIER_RESULT_BACKEND" not in os.environ):
+        for sent in DATA_DIR.glob("sent-*"):
+            for task_id in sent.read_text().split():
+                app.backend.forget(task_id)
+    if REDIS_URL:
+        import redis
+
+        with redis.Redis.from_url(REDIS_URL) as client:
+            for key in client.scan_iter(f"relier-{RUN_ID}-*"):  # redis_round_trip's
+                client.delete(key)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_dir() -> Iterator[None]:
     yield
     relier_bridge.close_bridge_loop()
+    # After every worker has stopped: the session fixtures set up after this one end first.
+    delete_queues()
+    delete_results()
     if DATA_DIR_OWNED:
         shutil.rmtree(DATA_DIR, ignore_errors=True)
 
@@ -451,7 +514,7 @@ def test_solo_and_threads_pools_share_one_loop(pool: str, request: Any) -> None:
     assert len(_check_one_loop_per_process(facts)) == 1
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(240)
 def test_replacement_children_create_their_own_loop() -> None:
     count = int(os.environ.get("RELIER_CHURN_TASKS", "200"))
@@ -755,7 +818,8 @@ def test_solo_task_wakes_the_hub_so_its_ack_is_not_held() -> None:
     from kombu.asynchronous.timer import Timer
 
     if kombu.VERSION < (5, 7):
-        pytest.skip("kombu < 5.7: its hub cannot be woken from another thread at all")
+        pytest.skip("kombu < 5.7: its hub cannot be woken from another thread at all; "
+                    "kombu >= 5.7 runs this")
     previous = get_event_loop()
     hub = Hub(Timer(max_interval=10.0))  # as a worker's hub
     set_event_loop(hub)
@@ -964,7 +1028,7 @@ def test_drill_celery_time_limit_kill_gives_a_fresh_loop(prefork: Worker) -> Non
     _check_one_loop_per_process(facts)
 
 
-@pytest.mark.slow
+@long_drill
 def test_drill_warm_shutdown_finishes_the_task_then_closes_the_loop() -> None:
     worker = Worker("shutdown", "prefork", 1)
     try:
@@ -991,7 +1055,7 @@ def test_drill_lost_child_is_redelivered(prefork: Worker) -> None:
     assert get(result, timeout=60) != doomed
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(300)
 def test_drill_no_leaks_after_2000_tasks() -> None:
     count = int(os.environ.get("RELIER_LEAK_TASKS", "2000"))
@@ -1008,7 +1072,8 @@ def test_drill_no_leaks_after_2000_tasks() -> None:
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_drill_green_thread_pools_are_refused(pool: str) -> None:
-    pytest.importorskip(pool)
+    if importlib.util.find_spec(pool) is None:  # the worker imports it, not this process
+        pytest.skip(f"{pool} is not installed: pip install {pool} to run this")
     with running_worker(pool, pool, 10) as worker:
         result = worker.send(add, 1, 2)
         with pytest.raises(RuntimeError, match="real threads"):
@@ -1134,7 +1199,7 @@ async def stress_raises(key: str) -> None:
     raise ValueError(key)
 
 
-@pytest.mark.slow
+@long_drill
 @pytest.mark.timeout(400)
 def test_stress_blocked_loops_and_failures_spare_every_other_task() -> None:
     count = int(os.environ.get("RELIER_STRESS_TASKS", "2000"))
@@ -1340,7 +1405,8 @@ def test_per_loop_refuses_bad_use() -> None:
 
 
 def test_per_loop_is_typed_by_its_factory(tmp_path: Path) -> None:
-    mypy = pytest.importorskip("mypy.api")
+    mypy = pytest.importorskip("mypy.api", reason="mypy is not installed: pip install mypy "
+                               "to run this")
     snippet = tmp_path / "uses_per_loop.py"
     snippet.write_text(
         "from relier_bridge import per_loop\n"
@@ -1505,7 +1571,8 @@ async def postgres_query(n: int) -> dict[str, Any]:
     return {"value": value, "pid": os.getpid()}
 
 
-@pytest.mark.skipif(not REDIS_URL, reason="needs RELIER_BROKER_URL=redis://... or RELIER_REDIS_URL")
+@pytest.mark.skipif(not REDIS_URL, reason="needs a Redis server: set RELIER_REDIS_URL=redis://... "
+                    "or a redis:// RELIER_BROKER_URL (and pip install redis) to run this")
 @pytest.mark.timeout(240)
 def test_redis_asyncio_client_reused_across_500_tasks(prefork: Worker) -> None:
     start = len(prefork.lines)
@@ -1520,7 +1587,9 @@ def test_redis_asyncio_client_reused_across_500_tasks(prefork: Worker) -> None:
         assert bad not in "\n".join(prefork.lines[start:])
 
 
-@pytest.mark.skipif(not POSTGRES_URL, reason="needs RELIER_POSTGRES_URL")
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs PostgreSQL: set RELIER_POSTGRES_URL="
+                    "postgresql+asyncpg://... (and pip install 'sqlalchemy[asyncio]' asyncpg) "
+                    "to run this")
 def test_sqlalchemy_async_engine_made_at_import_serves_forked_children(prefork: Worker) -> None:
     start = len(prefork.lines)
     replies = [get(r, timeout=60) for r in [prefork.send(postgres_query, n) for n in range(50)]]
@@ -1764,7 +1833,7 @@ if PYDANTIC:
         return Order(item=order.item, quantity=order.quantity * 2)
 
 
-@pytest.mark.skipif(not PYDANTIC, reason="needs pydantic and Celery 5.5+ (pydantic=True)")
+@pytest.mark.skipif(not PYDANTIC, reason="pydantic=True: pip install pydantic (the drills extra), on Celery 5.5+")
 def test_pydantic_validates_arguments_and_dumps_results(prefork: Worker) -> None:
     assert get(prefork.send(doubled, {"item": "tea", "quantity": 2})) == {
         "item": "TEA", "quantity": 4}
@@ -1967,7 +2036,7 @@ def test_per_loop_real_clients_close_their_connections_when_the_loop_ends(
     engine (with PostgreSQL), each a per_loop value, each seen from its server: one
     connection while the loop serves, none once the loop has ended, from a retired loop
     while the worker lives on as from the last loop at warm shutdown."""
-    pytest.importorskip("httpx")
+    pytest.importorskip("httpx", reason="httpx is not installed: pip install httpx to run this")
     server = counting_http_server
     with contextlib.ExitStack() as stack:
         counters: dict[str, Any] = {"http": lambda: set(server.open)}
@@ -2069,7 +2138,9 @@ def demo() -> None:
         except HardTimeout as error:
             print("demo_import(20)         ->", f"{type(error).__name__}: {error};",
                   "partial =", error.partial)
-    print("worker stopped (pid", worker.process.pid, "exit code", worker.process.returncode, ")")
+    print(f"worker stopped (pid {worker.process.pid}, exit code {worker.process.returncode})")
+    delete_queues()
+    delete_results()
     shutil.rmtree(DATA_DIR, ignore_errors=True)
 
 
