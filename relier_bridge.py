@@ -482,12 +482,12 @@ class _ResultWatch:
     failing: bool = False
 
     async def poll(self) -> None:
+        pool = await (await _threads()).__anext__()
         while self.waiters:
             with contextlib.suppress(asyncio.TimeoutError):  # woken early by a new waiter
                 await asyncio.wait_for(self.wake.wait(), min(i for _, i in self.waiters.values()))
             self.wake.clear()
             ids = {task_id for task_id, _ in self.waiters.values()}
-            pool = await (await _threads()).__anext__()
             many = self.backend.get_many(ids, interval=0, max_iterations=1)  # a generator
             try:  # one round trip for all (an MGET); a hung one holds this poller, one thread
                 ready = await asyncio.wrap_future(pool.submit(dict, many))
