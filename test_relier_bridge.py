@@ -1473,6 +1473,29 @@ def test_aget_holds_no_thread_while_it_waits() -> None:
     assert took < 2.0, f"the short tasks' results took {took:.2f} s: they queued behind others"
 
 
+def test_aget_looks_up_at_once_and_honours_each_waiters_interval() -> None:
+    async def main() -> tuple[float, float]:
+        stored = add.AsyncResult(uuid.uuid4().hex)
+        await asyncio.to_thread(app.backend.store_result, stored.id, 5, "SUCCESS")
+        started = time.monotonic()
+        assert await stored.aget(timeout=10, interval=5) == 5
+        at_once = time.monotonic() - started
+        slow = asyncio.ensure_future(add.AsyncResult(uuid.uuid4().hex).aget(interval=5))
+        await asyncio.sleep(0.1)  # the poller now serves a 5 s waiter
+        brisk = add.AsyncResult(uuid.uuid4().hex)
+        waiting = asyncio.ensure_future(brisk.aget(timeout=10, interval=0.05))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(app.backend.store_result, brisk.id, 7, "SUCCESS")
+        started = time.monotonic()
+        assert await waiting == 7
+        slow.cancel()
+        return at_once, time.monotonic() - started
+
+    at_once, brisk = asyncio.run(main())
+    assert at_once < 1.0, f"a stored result took {at_once:.2f} s: a first-interval floor"
+    assert brisk < 1.0, f"a 0.05 s waiter behind a 5 s one took {brisk:.2f} s"
+
+
 @bridged_task(app=app)
 async def awaits_a_result_inside() -> list[str]:
     """aget inside a task: refused as get() is, unless disable_sync_subtasks=False."""
