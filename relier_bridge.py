@@ -514,7 +514,8 @@ class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, un
     async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.02,
                    propagate: bool = True, disable_sync_subtasks: bool = True) -> R:
         """What ``get()`` returns, raises or refuses (in a task), awaited holding no thread:
-        read at once, then every smallest ``interval`` awaited on this loop. See README."""
+        read at once, then every smallest ``interval`` among this loop's waits, connection
+        errors retried. Past ``timeout``: TimeoutError naming the task and the limit."""
         celery_result = cast(Any, self)  # Celery's own, private cache of a finished result
         if celery_result._cache is None:
             if disable_sync_subtasks:
