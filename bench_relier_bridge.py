@@ -202,14 +202,15 @@ class Settings:
     waiters: int  # part 6: concurrent waits per round, on tasks ending within `wait_window`
     wait_window: float
     wait_rounds: int
+    single_waits: int  # part 6, low load: waits per contender, one at a time
 
 
 FULL = Settings(rounds=9, e2e_rounds=15, call_rounds=21, calls_per_sample=100, e2e_tasks=300,
                 io_tasks_threads=500, io_tasks_prefork=50, rss_probes=5,
-                waiters=1000, wait_window=5.0, wait_rounds=2)
+                waiters=1000, wait_window=5.0, wait_rounds=2, single_waits=40)
 QUICK = Settings(rounds=3, e2e_rounds=3, call_rounds=3, calls_per_sample=50, e2e_tasks=100,
                  io_tasks_threads=200, io_tasks_prefork=20, rss_probes=2,
-                 waiters=100, wait_window=1.0, wait_rounds=1)
+                 waiters=100, wait_window=1.0, wait_rounds=1, single_waits=6)
 
 # contender -> one value per round; the lists are aligned, index i is round i.
 Samples = dict[str, list[float]]
@@ -798,10 +799,53 @@ def waiting_round(wait: Callable[[Any], Any], settings: Settings,
     early.append(sum(ended < started for ended, _ in ends))
 
 
-def awaiting_results(settings: Settings) -> Section:
-    """Part 6: ``settings.waiters`` concurrent ``aget``s on one loop against Redis."""
+def one_at_a_time(settings: Settings) -> Section:
+    """Part 6, low load: one wait at a time, on a task that ends 50 to 500 ms after it
+    starts; each contender in turn, rotated. The figure is from the task's end (its return
+    value, the clock read as it returns) to the wait's return."""
+    loop = asyncio.new_event_loop()  # one loop for all waits, as a service has
+    contenders: dict[str, Callable[[Any], float]] = {
+        "aget()": lambda result: loop.run_until_complete(result.aget(timeout=30)),
+        "get() in a thread": lambda result: result.get(timeout=30),
+        "to_thread(get)": lambda result: loop.run_until_complete(
+            asyncio.to_thread(result.get, timeout=30)),
+    }
+    latencies: dict[str, list[float]] = {name: [] for name in contenders}
+    cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
+    waited: dict[str, float] = dict.fromkeys(contenders, 0.0)
+    try:
+        for round_no in range(settings.single_waits + 1):  # round 0 warms up
+            names = list(contenders)
+            for name in names[round_no % 3:] + names[:round_no % 3]:
+                result = ends_at.apply_async((random.uniform(0.05, 0.5),), queue=AGET_QUEUE)
+                started, cpu_started = time.time(), time.process_time()
+                ended = contenders[name](result)
+                returned = time.time()
+                if round_no:
+                    latencies[name].append(returned - ended)
+                    cpu[name] += time.process_time() - cpu_started
+                    waited[name] += returned - started
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    rows = []
+    for name, values in latencies.items():
+        p99 = statistics.quantiles(values, n=100, method="inclusive")[98]
+        rows.append(Row(f"{name}: task end -> wait returns", *(x * 1e3 for x in
+                                                               quartiles(values)), "ms",
+                        note=f"p99 {p99 * 1e3:.1f} ms; CPU {cpu[name] / waited[name]:.1%} "
+                        "of the time waited"))
+    return Section(f"6a. one result awaited at a time ({settings.single_waits} waits each), "
+                   "Redis broker and backend, tasks ending 50-500 ms after the wait starts: "
+                   "await result.aget() vs result.get() vs await asyncio.to_thread(result.get)",
+                   rows)
+
+
+def awaiting_results(settings: Settings) -> list[Section]:
+    """Part 6: one wait at a time, then ``settings.waiters`` concurrent ``aget``s on one
+    loop, against Redis."""
     if not hasattr(ends_at.AsyncResult("no-such-task"), "aget"):
-        return Section("6. skipped: relier_bridge has no aget yet", [])
+        return [Section("6. skipped: relier_bridge has no aget yet", [])]
     contenders = {
         "aget()": lambda result: result.aget(timeout=120),
         "to_thread(get)": lambda result: asyncio.to_thread(result.get, timeout=120),
@@ -809,6 +853,7 @@ def awaiting_results(settings: Settings) -> Section:
     measured: dict[str, tuple[list[float], list[float], list[int]]] = {
         name: ([], [], []) for name in contenders}
     with running_workers(("threads", 8, AGET_QUEUE)):
+        low_load = one_at_a_time(settings)
         for round_no in range(settings.wait_rounds):
             names = list(contenders)[round_no % 2:] + list(contenders)[:round_no % 2]
             for name in names:
@@ -823,11 +868,12 @@ def awaiting_results(settings: Settings) -> Section:
         rows.append(Row(f"{name}: CPU of the waiting process",
                         *(x * 1e3 for x in quartiles(cpu)), "ms",
                         note="time.process_time() delta over a round's whole wait"))
-    return Section(f"6. {settings.waiters} results awaited at once on one event loop, Redis "
-                   f"broker and backend; tasks end at random times within "
-                   f"{settings.wait_window:.0f} s (ETA tasks, worker threads -c 8); "
-                   f"{settings.wait_rounds} rounds, latencies pooled, await result.aget() vs "
-                   "await asyncio.to_thread(result.get)", rows)
+    return [low_load, Section(
+        f"6b. {settings.waiters} results awaited at once on one event loop, Redis "
+        f"broker and backend; tasks end at random times within "
+        f"{settings.wait_window:.0f} s (ETA tasks, worker threads -c 8); "
+        f"{settings.wait_rounds} rounds, latencies pooled, await result.aget() vs "
+        "await asyncio.to_thread(result.get)", rows)]
 
 
 # --- main --------------------------------------------------------------------------------
@@ -884,7 +930,7 @@ def main() -> None:
     if 5 in parts:
         sections.append(bridge_memory(settings))
     if 6 in parts:
-        sections.append(awaiting_results(settings))
+        sections += awaiting_results(settings)
     for section in sections:
         print_section(section)
     if targets:

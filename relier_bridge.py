@@ -426,9 +426,6 @@ def _bridge() -> _Loop:
     with _bridge_lock:
         if _bridge_loop is None or not _bridge_loop.serving():
             _bridge_loop = _Loop()
-            _bridge_loop.loop.set_default_executor(ThreadPoolExecutor(  # see _TaskOfContext
-                thread_name_prefix="relier-bridge", initializer=push_current_task,
-                initargs=(_TASK_OF_CONTEXT,)))
             _bridge_loop.start_thread(f"relier-bridge-{os.getpid()}")
         return _bridge_loop
 
@@ -574,71 +571,82 @@ class _LoopValues(dict[per_loop[Any], asyncio.Task[Any]]):
 
 
 # Results: aget ----------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
 class _ResultWatch:
-    """The results of one backend awaited on one loop: one poller reads them all per tick."""
+    """The results of one backend awaited on one loop (``aget`` adds and removes waiters)."""
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.waiters: dict[asyncio.Future[Any], str] = {}
-        self.poller: Optional[asyncio.Task[None]] = None
+    backend: Any
+    waiters: dict[asyncio.Future[Any], tuple[str, float]] = dataclasses.field(default_factory=dict)
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    poller: Optional[asyncio.Task[None]] = None
+    failing: bool = False
 
-    async def wait(self, task_id: str, interval: float) -> dict[str, Any]:
-        future = asyncio.get_running_loop().create_future()
-        self.waiters[future] = task_id
-        if self.poller is None:
-            self.poller = asyncio.ensure_future(self._poll(interval))
-        try:
-            meta = await future
-        finally:
-            del self.waiters[future]
-            if not self.waiters and self.poller is not None:  # the last waiter stops it
-                self.poller.cancel()
-                self.poller = None
-        if isinstance(meta, Exception):
-            raise meta
-        return dict(meta)  # a copy: Celery's cache of the result edits it
-
-    async def _poll(self, interval: float) -> None:
+    async def poll(self) -> None:
+        pool = await _threads()
         while self.waiters:
-            await asyncio.sleep(interval)
-            ids = set(self.waiters.values())
+            with contextlib.suppress(asyncio.TimeoutError):  # woken early by a new waiter
+                await asyncio.wait_for(self.wake.wait(), min(i for _, i in self.waiters.values()))
+            self.wake.clear()
+            ids = {task_id for task_id, _ in self.waiters.values()}
             many = self.backend.get_many(ids, interval=0, max_iterations=1)  # a generator
-            try:  # one round trip for all (an mget on Redis), read in a thread: it blocks
-                ready = await asyncio.to_thread(dict, many)
-            except Exception as exc:  # a failing backend ends the waits: it never hangs them
+            try:  # one round trip for all (an MGET); a hung one holds this poller, one thread
+                ready = await asyncio.wrap_future(pool.submit(dict, many))
+                self.failing = False
+            except (OSError, *getattr(self.backend, "connection_errors", ())) as exc:
+                if not self.failing:  # a blip: each waiter waits until its own timeout
+                    logger.warning("result backend unreachable, retrying: %r", exc)
+                self.failing = True
+                ready = {}
+            except Exception as exc:  # anything else ends the waits: it never hangs them
                 ready = dict.fromkeys(ids, exc)
-            for future, task_id in self.waiters.items():
+            for future, (task_id, _) in self.waiters.items():
                 if task_id in ready and not future.done():
                     future.set_result(ready[task_id])
 
 
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
+# The bridge's own threads on each loop, for its blocking calls (apush's send, look-ups):
+# they never wait behind the application's use of the default executor.
+_threads = per_loop(lambda: ThreadPoolExecutor(
+    thread_name_prefix="relier-io", initializer=push_current_task, initargs=(_TASK_OF_CONTEXT,)),
+    close=lambda pool: pool.shutdown(wait=False))
 
 
-class BridgedResult(AsyncResult):  # type: ignore[misc, type-arg, unused-ignore]
+class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, unused-ignore]
     """A Celery AsyncResult that async code can await: ``await result.aget()``."""
 
-    async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.1,
-                   propagate: bool = True) -> Any:
-        """What ``get()`` returns or raises, awaited without holding a thread: one look-up per
-        ``interval`` serves all results awaited on this loop. Past ``timeout``: TimeoutError."""
+    async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.02,
+                   propagate: bool = True, disable_sync_subtasks: bool = True) -> R:
+        """What ``get()`` returns, raises or refuses (in a task), awaited holding no thread:
+        read at once, then every smallest ``interval`` among this loop's waits, connection
+        errors retried. Past ``timeout``: TimeoutError naming the task and the limit."""
         celery_result = cast(Any, self)  # Celery's own, private cache of a finished result
         if celery_result._cache is None:
+            if disable_sync_subtasks:
+                celery.result.assert_will_not_block()  # type: ignore[attr-defined, unused-ignore]
             if not isinstance(self.backend, BaseKeyValueStoreBackend):
-                raise RuntimeError(f"aget reads key-value result backends (Redis, files...), "
-                                   f"not {type(self.backend).__name__}: for it, await "
-                                   "asyncio.to_thread(result.get)")
-            watches = await _result_watches()
-            watch = watches.setdefault(self.backend, _ResultWatch(self.backend))
+                raise RuntimeError(f"aget needs a key-value result backend, not {self.backend!r}")
+            watch = (await _result_watches()).setdefault(self.backend, _ResultWatch(self.backend))
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            watch.waiters[future] = (self.id, interval)
+            watch.wake.set()  # a first look-up at once
+            if watch.poller is None or watch.poller.done():
+                watch.poller = asyncio.ensure_future(watch.poll())
             try:
-                meta = await asyncio.wait_for(watch.wait(self.id, interval), timeout)
+                meta = await asyncio.wait_for(future, timeout)
             except asyncio.TimeoutError:
-                raise ResultTimeout("The operation timed out.") from None
-            celery_result._maybe_set_cache(meta)  # what get() then reads
-        return self.get(propagate=propagate, disable_sync_subtasks=False)
+                raise ResultTimeout(f"task {self.id}: no result within {timeout} s") from None
+            finally:
+                del watch.waiters[future]
+                if not watch.waiters:  # the poller ends as the last waiter leaves
+                    watch.wake.set()
+            if isinstance(meta, Exception):
+                raise meta
+            celery_result._maybe_set_cache(dict(meta))  # a copy, which get() then reads
+        return cast(R, self.get(propagate=propagate, disable_sync_subtasks=False))
 
 
-class _EagerResult(EagerResult, BridgedResult):  # type: ignore[misc, type-arg, unused-ignore]
+class _EagerResult(EagerResult, BridgedResult[Any]):  # type: ignore[misc, type-arg, unused-ignore]
     """An eager result, awaitable like the others: its aget returns at once."""
 
 
@@ -673,16 +681,18 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
     """What ``bridged_task`` adds to a Celery task. Celery builds each task class on its app's
     own Task (or ``base=``), and is handed these attributes as options to add to it."""
 
-    def push(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
+    def push(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult[R]:
         """Send the task from synchronous code (``apply_async`` with these arguments)."""
         _refuse_running_loop("{}.push()", self.name)
-        return cast(BridgedResult, self.apply_async(args, kwargs))
+        return cast(BridgedResult[R], self.apply_async(args, kwargs))
 
-    async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult:
-        """Send the task from async code; the blocking broker send runs in a thread."""
-        return cast(BridgedResult, await asyncio.to_thread(self.apply_async, args, kwargs))
+    async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult[R]:
+        """Send the task from async code; the broker send runs in the bridge's own threads."""
+        pool = await _threads()
+        send = pool.submit(contextvars.copy_context().run, self.apply_async, args, kwargs)
+        return cast(BridgedResult[R], await asyncio.wrap_future(send))
 
-    def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult:
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult[R]:
         return BridgedResult(task_id, backend=self.backend, task_name=self.name,
                              app=self.app, **kwargs)
 

@@ -25,6 +25,7 @@ drill's keys.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import gc
@@ -36,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1488,8 +1490,9 @@ def test_aget_returns_raises_and_times_out_like_get(prefork: Worker) -> None:
         with pytest.raises(ValueError, match="aget sees it"):
             await failing.aget(timeout=30)
         assert isinstance(await failing.aget(timeout=30, propagate=False), ValueError)
-        with pytest.raises(ResultTimeout):
-            await add.AsyncResult(uuid.uuid4().hex).aget(timeout=0.3)
+        never = add.AsyncResult(uuid.uuid4().hex)
+        with pytest.raises(ResultTimeout, match=rf"task {never.id}: no result within 0.3 s"):
+            await never.aget(timeout=0.3)
         assert await (await add.apush(4, 5)).aget(timeout=30) == 9
 
     asyncio.run(main())
@@ -1503,12 +1506,12 @@ def test_cancelled_aget_leaves_nothing_behind() -> None:
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        await asyncio.sleep(0)  # the poller's own cancellation lands
+        await asyncio.sleep(0.05)  # the poller, woken as its last waiter left, ends
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
     threads_before = threading.active_count()
-    asyncio.run(main())
-    assert threading.active_count() == threads_before
+    asyncio.run(main())  # ends the bridge's threads of that loop: they exit once idle
+    _poll(lambda: threading.active_count() == threads_before, 5, "the look-up threads to end")
 
 
 def test_aget_in_eager_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1537,6 +1540,206 @@ def test_aget_holds_no_thread_while_it_waits() -> None:
 
         took = asyncio.run(main())
     assert took < 2.0, f"the short tasks' results took {took:.2f} s: they queued behind others"
+
+
+def test_aget_looks_up_at_once_and_honours_each_waiters_interval() -> None:
+    async def main() -> tuple[float, float]:
+        stored = add.AsyncResult(uuid.uuid4().hex)
+        await asyncio.to_thread(app.backend.store_result, stored.id, 5, "SUCCESS")
+        started = time.monotonic()
+        assert await stored.aget(timeout=10, interval=5) == 5
+        at_once = time.monotonic() - started
+        slow = asyncio.ensure_future(add.AsyncResult(uuid.uuid4().hex).aget(interval=5))
+        await asyncio.sleep(0.1)  # the poller now serves a 5 s waiter
+        brisk = add.AsyncResult(uuid.uuid4().hex)
+        waiting = asyncio.ensure_future(brisk.aget(timeout=10, interval=0.05))
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(app.backend.store_result, brisk.id, 7, "SUCCESS")
+        started = time.monotonic()
+        assert await waiting == 7
+        slow.cancel()
+        return at_once, time.monotonic() - started
+
+    at_once, brisk = asyncio.run(main())
+    assert at_once < 1.0, f"a stored result took {at_once:.2f} s: a first-interval floor"
+    assert brisk < 1.0, f"a 0.05 s waiter behind a 5 s one took {brisk:.2f} s"
+
+
+@bridged_task(app=app)
+async def awaits_a_result_inside() -> list[str]:
+    """aget inside a task: refused as get() is, unless disable_sync_subtasks=False."""
+    never = add.AsyncResult(uuid.uuid4().hex)
+    seen = [never.id]
+    for refuse in (True, False):
+        started = time.monotonic()
+        try:
+            await never.aget(timeout=0.5, disable_sync_subtasks=refuse)
+        except Exception as exc:
+            seen.append(f"{type(exc).__name__} after {time.monotonic() - started:.2f} s: {exc}")
+    return seen
+
+
+def test_aget_inside_a_task_refuses_as_get_does(solo: Worker) -> None:
+    never_id, refused, opted_out = get(solo.send(awaits_a_result_inside))
+    assert refused.startswith("RuntimeError after 0.0") and "Never call result.get()" in refused
+    assert opted_out.startswith("TimeoutError after 0.5")
+    assert f"task {never_id}: no result within 0.5 s" in opted_out
+
+
+def test_apush_and_aget_do_not_queue_behind_the_default_executor(prefork: Worker) -> None:
+    finished = add.push(2, 2)
+    assert get(finished) == 4
+
+    async def main() -> tuple[float, float]:
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(2))
+        busy = [asyncio.ensure_future(asyncio.to_thread(time.sleep, 2)) for _ in range(3)]
+        await asyncio.sleep(0.1)  # the application's to_thread threads are all taken
+        started = time.monotonic()
+        sent = await add.apush(3, 3)
+        pushed = time.monotonic() - started
+        started = time.monotonic()
+        assert await add.AsyncResult(finished.id).aget(timeout=10) == 4
+        awaited = time.monotonic() - started
+        assert await sent.aget(timeout=30) == 6
+        await asyncio.gather(*busy)
+        return pushed, awaited
+
+    pushed, awaited = asyncio.run(main())
+    assert pushed < 1.0, f"apush took {pushed:.2f} s: it queued behind the default executor"
+    assert awaited < 1.0, f"aget took {awaited:.2f} s: it queued behind the default executor"
+
+
+@bridged_task
+async def total(values: list[int]) -> int:
+    await asyncio.sleep(0)
+    return sum(values)
+
+
+def test_readme_group_and_chord_from_async_code(prefork: Worker) -> None:
+    async def doubled_and_total(numbers: list[int]) -> tuple[list[int], int]:  # as in README
+        header = celery.group([add.s(n, n) for n in numbers])
+        sent = await asyncio.to_thread(header.apply_async)  # a GroupResult
+        doubled = await asyncio.gather(*(r.aget(timeout=30) for r in sent.results))
+        chord = celery.chord(header, total.s())  # total: sums a list
+        return doubled, await (await asyncio.to_thread(chord.apply_async)).aget(timeout=30)
+
+    assert asyncio.run(doubled_and_total([1, 2, 3])) == ([2, 4, 6], 12)
+
+
+def _redis_result_url() -> Optional[str]:
+    backend = str(app.conf.result_backend)
+    if backend.startswith("redis"):
+        return backend
+    return os.environ.get("RELIER_REDIS_URL") or (
+        BROKER_URL if BROKER_URL.startswith("redis") else None)
+
+
+@pytest.mark.skipif(not _redis_result_url(), reason="needs a Redis result backend "
+                    "(RELIER_RESULT_BACKEND=redis://...), a Redis broker or RELIER_REDIS_URL")
+def test_aget_is_as_prompt_as_get_on_redis() -> None:
+    redis_app = celery.Celery("relier-latency", backend=_redis_result_url(),
+                              set_as_current=False)
+    redis_app.conf.result_expires = 60
+    backend = redis_app.backend  # one backend for both threads (Celery keeps one per thread)
+    loop = asyncio.new_event_loop()
+    latencies: dict[str, list[float]] = {"aget": [], "get": []}
+
+    def wait_once(how: str) -> None:
+        result = relier_bridge.BridgedResult(uuid.uuid4().hex, backend=backend, app=redis_app)
+        stored: list[float] = []
+
+        def store() -> None:
+            time.sleep(random.uniform(0.05, 0.4))
+            stored.append(time.monotonic())
+            backend.store_result(result.id, 42, "SUCCESS")
+
+        storer = threading.Thread(target=store)
+        storer.start()
+        if how == "aget":
+            assert loop.run_until_complete(result.aget(timeout=10)) == 42
+        else:
+            assert result.get(timeout=10) == 42
+        latencies[how].append(time.monotonic() - stored[0])
+        storer.join()
+
+    try:
+        for _ in range(12):
+            wait_once("aget")
+            wait_once("get")
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    aget, get_ = (statistics.median(latencies[how]) for how in ("aget", "get"))
+    assert aget <= max(0.025, 3 * get_), f"aget {aget * 1e3:.1f} ms, get() {get_ * 1e3:.1f} ms"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _private_redis(port: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return server
+        if time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"private redis-server on port {port} did not start")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server on PATH")
+def test_aget_rides_out_a_redis_restart(caplog: pytest.LogCaptureFixture) -> None:
+    port = _free_port()
+    servers = [_private_redis(port)]
+    try:
+        outage_app = celery.Celery("relier-outage", backend=f"redis://127.0.0.1:{port}/0",
+                                   set_as_current=False)
+        backend = outage_app.backend
+
+        async def main() -> list[Any]:
+            results = [relier_bridge.BridgedResult(uuid.uuid4().hex, backend=backend,
+                                                   app=outage_app) for _ in range(5)]
+            waits = [asyncio.ensure_future(r.aget(timeout=30)) for r in results]
+            await asyncio.sleep(0.3)  # the waits have begun polling
+            servers[0].kill()
+            servers[0].wait()
+            await asyncio.sleep(1.0)  # many look-ups fail meanwhile
+            assert not any(wait.done() for wait in waits), "a wait ended in the outage"
+            servers.append(_private_redis(port))
+            for n, result in enumerate(results):
+                await asyncio.to_thread(backend.store_result, result.id, n, "SUCCESS")
+            return await asyncio.gather(*waits)
+
+        with caplog.at_level(logging.WARNING, logger="relier_bridge"):
+            assert asyncio.run(main()) == [0, 1, 2, 3, 4]
+        unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+        assert len(unreachable) == 1, "the outage is logged once, not once per look-up"
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+def test_bridged_result_is_typed_by_its_task(tmp_path: Path) -> None:
+    mypy = pytest.importorskip("mypy.api")
+    snippet = tmp_path / "uses_aget.py"
+    snippet.write_text(
+        "from relier_bridge import bridged_task\n"
+        "@bridged_task\n"
+        "async def add(x: int, y: int) -> int:\n    return x + y\n"
+        "async def main() -> None:\n"
+        "    reveal_type(await (await add.apush(1, 2)).aget())\n"
+        "    reveal_type(await add.push(1, 2).aget(timeout=1))\n")
+    out, _, _ = mypy.run(["--strict", "--ignore-missing-imports", "--follow-imports=silent",
+                          "--no-incremental", "--config-file=", str(snippet)])
+    assert len(re.findall(r'Revealed type is "(builtins\.)?int"', out)) == 2, out
 
 
 # ---------------------------------------------------------------------------------------
@@ -1787,12 +1990,6 @@ def test_celery_soft_time_limit_is_raised_in_the_coroutine(prefork: Worker) -> N
 
 
 @bridged_task(app=app)
-async def total(numbers: list[int]) -> int:
-    await asyncio.sleep(0)
-    return sum(numbers)
-
-
-@bridged_task(app=app)
 async def runs_a_canvas_eagerly() -> list[int]:
     # As in a plain task, Celery refuses .get() inside an eager task unless told otherwise.
     chained = celery.chain(add.s(1, 2), add.s(3)).apply_async()
@@ -1835,7 +2032,7 @@ if PYDANTIC:
         return Order(item=order.item, quantity=order.quantity * 2)
 
 
-@pytest.mark.skipif(not PYDANTIC, reason="pydantic=True: pip install pydantic (the drills extra), on Celery 5.5+")
+@pytest.mark.skipif(not PYDANTIC, reason="pydantic=True: pip install pydantic, Celery 5.5+")
 def test_pydantic_validates_arguments_and_dumps_results(prefork: Worker) -> None:
     assert get(prefork.send(doubled, {"item": "tea", "quantity": 2})) == {
         "item": "TEA", "quantity": 4}
