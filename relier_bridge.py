@@ -57,22 +57,19 @@ logger = logging.getLogger("relier_bridge")
 # How long a cancelled coroutine, or a per_loop value's close, may take to finish.
 CANCEL_GRACE = 1.0
 
-# The process's state. Its bridge loop, made on first use, forgotten in a forked child:
+# The process's state: its bridge loop, made on first use, forgotten in a forked child;
 _bridge_loop: Optional[_Loop] = None
 _bridge_lock = threading.Lock()
-# (thread id, kombu hub) of a worker whose tasks run on its hub's thread (solo pool): see _Run.
-_hub_owner: Optional[tuple[int, Any]] = None
-# Each loop's per_loop values, until it shuts down (a loop closed without it keeps them).
-_loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}
-# The bridged task whose coroutine runs in this context, and its request: Celery keeps its
-# request stack per thread, and the coroutine runs on another thread than the worker's.
+_hub_owner: Optional[tuple[int, Any]] = None  # (thread, kombu hub) of a solo worker: _note_hub
+_loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}  # until each loop shuts down
+# the bridged task whose coroutine runs in this context, and its request (Celery keeps its
+# request stack per thread, and the coroutine runs on another thread than the worker's).
 _current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvars.ContextVar(
     "relier_current")
 
 
 # Public types -----------------------------------------------------------------------------
 # Without celery-types, Celery's classes are Any to mypy: subclassing them needs the ignores.
-
 class HardTimeout(TimeLimitExceeded):  # type: ignore[misc, unused-ignore]
     """The coroutine ran past ``hard_timeout`` and was cancelled, or was given up then because
     ``held_by`` (another task, or a callback) held its event loop; ``partial`` is the hook's
@@ -219,14 +216,13 @@ class _Run:
                 thrown = exc
 
     def _on_timer(self) -> None:
-        limits = self.limits
         if self.hook is not None or self.soft is None:  # past hard_timeout
             self.abandon()
             return
         self.hook = asyncio.ensure_future(self._soft_hook(self.soft))
-        if limits.hard is not None and limits.soft is not None:
-            self.timer = asyncio.get_running_loop().call_later(limits.hard - limits.soft,
-                                                               self._on_timer)
+        if self.limits.hard is not None:  # armed by the soft one, as one timer at a time
+            delay = self.limits.hard - cast(float, self.limits.soft)
+            self.timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     async def _soft_hook(self, soft: SoftContext) -> None:
         logger.warning("task %s passed soft_timeout=%ss", self.name, self.limits.soft)
@@ -301,9 +297,8 @@ class _Run:
         self.abandon()
 
     def abandon(self) -> None:
-        """Give the run up (past ``hard_timeout``, or its waiter's): if it has not started it
-        never will; else it is cancelled before its next step, whatever its loop had queued
-        for it, and stops counting among the loop's running ones."""
+        """Give the run up: if it has not started it never will; else it is cancelled before
+        its next step, whatever its loop had queued, and no longer keeps a retired loop."""
         self.cancelled = True  # seen by start, should the run be on its way to another loop
         self.owner.queued.discard(self)
         self.interrupt(asyncio.CancelledError())
@@ -316,10 +311,10 @@ class _LoopState(enum.Enum):
 
 
 class _Loop:
-    """An event loop and the runs handed to it. A bridge loop is driven by a daemon thread;
-    a disposable loop serves one run, driven by its own thread or by the caller's."""
+    """An event loop and the runs handed to it. A bridge loop is driven by a daemon thread
+    (``thread_name``); a disposable one serves one run, driven by its own or by the caller."""
 
-    def __init__(self) -> None:
+    def __init__(self, thread_name: Optional[str] = None) -> None:
         # Patched, a "thread" is a greenlet on the hub that the waiting worker would block.
         gevent = sys.modules.get("gevent.monkey")
         eventlet = sys.modules.get("eventlet.patcher")
@@ -332,11 +327,9 @@ class _Loop:
         self.running: set[_Run] = set()  # started, and someone still waits for them
         self.state = _LoopState.OPEN
         self.thread: Optional[threading.Thread] = None
-
-    def start_thread(self, name: str) -> threading.Thread:
-        self.thread = threading.Thread(target=self.drive, name=name, daemon=True)
-        self.thread.start()
-        return self.thread
+        if thread_name is not None:
+            self.thread = threading.Thread(target=self.drive, name=thread_name, daemon=True)
+            self.thread.start()
 
     def serving(self) -> bool:
         return (self.state is _LoopState.OPEN and self.thread is not None
@@ -346,10 +339,7 @@ class _Loop:
              context: Optional[contextvars.Context] = None) -> None:
         """Run ``callback`` on the loop's thread; nothing happens once the loop is closed."""
         with contextlib.suppress(RuntimeError):
-            if self.thread is None:  # driven by this very thread, later: no wake-up to send
-                self.loop.call_soon(callback, *args, context=context)
-            else:
-                self.loop.call_soon_threadsafe(callback, *args, context=context)
+            self.loop.call_soon_threadsafe(callback, *args, context=context)
 
     def submit(self, run: _Run) -> _Run:
         """Hand ``run`` to this loop, or on to the bridge loop if this one has retired."""
@@ -425,8 +415,7 @@ def _bridge() -> _Loop:
         return bridge
     with _bridge_lock:
         if _bridge_loop is None or not _bridge_loop.serving():
-            _bridge_loop = _Loop()
-            _bridge_loop.start_thread(f"relier-bridge-{os.getpid()}")
+            _bridge_loop = _Loop(f"relier-bridge-{os.getpid()}")
         return _bridge_loop
 
 
@@ -476,20 +465,19 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
         if hub is not None and hub[0] == threading.get_ident():
             run.hub = hub[1]
         return _bridge().submit(run).wait()
-    owner = _Loop()
     # Driven here, as asyncio.run does; or by a thread of its own, to fail on time should it
     # block, or beside this thread's running loop (a call nested in an eager one).
     inline = limits.hard is None and asyncio._get_running_loop() is None
-    thread = None if inline else owner.start_thread(f"relier-disposable-{task.name}")
+    owner = _Loop(None if inline else f"relier-disposable-{task.name}")
     owner.submit(run)
     owner.retire()
-    if thread is None:
+    if owner.thread is None:
         owner.drive()
     try:
         return run.wait()
     finally:
-        if thread is not None and not run.given_up:  # given up, it closes once it frees
-            thread.join(CANCEL_GRACE * 2)
+        if owner.thread is not None and not run.given_up:  # given up, it closes once it frees
+            owner.thread.join(CANCEL_GRACE * 2)
 
 
 # per_loop: one value per event loop, closed on it when it shuts down ----------------------
@@ -652,10 +640,9 @@ class _EagerResult(EagerResult, BridgedResult[Any]):  # type: ignore[misc, type-
 
 # Lineage: Celery's current task, on the threads that run bridged coroutines ---------------
 class _TaskOfContext:
-    """Stands on Celery's task stack of each thread that runs bridged coroutines (a bridge
-    loop's, its executor's), and answers as the bridged task whose coroutine runs in the
-    asking context: so tasks sent meanwhile get their parent, root, priority and a place
-    among its children, and ``celery.current_task`` is that task, as in a plain task."""
+    """On Celery's task stack of the bridge's threads, it answers as the bridged task whose
+    coroutine runs in the asking context: so tasks sent meanwhile get their parent, root,
+    priority and a place among its children, and ``celery.current_task`` is that task."""
 
     def __bool__(self) -> bool:
         return _current.get(None) is not None
