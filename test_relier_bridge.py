@@ -1695,6 +1695,7 @@ def _private_redis(port: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server on PATH")
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")  # Celery's
 def test_aget_rides_out_a_redis_restart(caplog: pytest.LogCaptureFixture) -> None:
     port = _free_port()
     servers = [_private_redis(port)]
@@ -1747,6 +1748,8 @@ def test_bridged_result_is_typed_by_its_task(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("RELIER_REDIS_URL") or (
     BROKER_URL if BROKER_URL.startswith("redis") else None)
+NEEDS_REDIS = ("needs a Redis server: set RELIER_REDIS_URL=redis://... or a redis:// "
+               "RELIER_BROKER_URL (and pip install redis) to run this")
 POSTGRES_URL = os.environ.get("RELIER_POSTGRES_URL")
 _redis_clients: dict[int, Any] = {}
 if POSTGRES_URL:
@@ -1776,8 +1779,7 @@ async def postgres_query(n: int) -> dict[str, Any]:
     return {"value": value, "pid": os.getpid()}
 
 
-@pytest.mark.skipif(not REDIS_URL, reason="needs a Redis server: set RELIER_REDIS_URL=redis://... "
-                    "or a redis:// RELIER_BROKER_URL (and pip install redis) to run this")
+@pytest.mark.skipif(not REDIS_URL, reason=NEEDS_REDIS)
 @pytest.mark.timeout(240)
 def test_redis_asyncio_client_reused_across_500_tasks(prefork: Worker) -> None:
     start = len(prefork.lines)
@@ -1899,7 +1901,7 @@ def test_per_loop_values_on_foreign_loops_are_closed_and_freed() -> None:
     assert not relier_bridge._loop_values
 
 
-@pytest.mark.skipif(not REDIS_URL, reason="needs RELIER_BROKER_URL=redis://... or RELIER_REDIS_URL")
+@pytest.mark.skipif(not REDIS_URL, reason=NEEDS_REDIS)
 def test_per_loop_redis_clients_on_asyncio_run_loops_close_their_connections() -> None:
     import redis
     import redis.asyncio
