@@ -68,7 +68,11 @@ from relier_bridge import HardTimeout, SoftContext, bridged_task, per_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "test_relier_bridge"  # the name workers import this file under
-pytestmark = pytest.mark.timeout(120)  # a hang fails the test; slow tests set their own
+pytestmark = [  # a hang fails the test; slow tests set their own
+    pytest.mark.timeout(120),
+    # Celery's Redis result backend calls redis-py's deprecated setex: not ours to mend.
+    pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning"),
+]
 # Inherited by the worker subprocesses, so that they and this process share one setup.
 RUN_ID = os.environ.setdefault("RELIER_RUN_ID", uuid.uuid4().hex[:8])
 DATA_DIR_OWNED = "RELIER_DATA_DIR" not in os.environ
@@ -1695,7 +1699,6 @@ def _private_redis(port: int) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.skipif(not shutil.which("redis-server"), reason="needs redis-server on PATH")
-@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")  # Celery's
 def test_aget_rides_out_a_redis_restart(caplog: pytest.LogCaptureFixture) -> None:
     port = _free_port()
     servers = [_private_redis(port)]
