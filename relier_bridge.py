@@ -339,7 +339,10 @@ class _Loop:
              context: Optional[contextvars.Context] = None) -> None:
         """Run ``callback`` on the loop's thread; nothing happens once the loop is closed."""
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(callback, *args, context=context)
+            if self.thread is None:  # driven by this very thread, later: no wake-up to send
+                self.loop.call_soon(callback, *args, context=context)
+            else:
+                self.loop.call_soon_threadsafe(callback, *args, context=context)
 
     def submit(self, run: _Run) -> _Run:
         """Hand ``run`` to this loop, or on to the bridge loop if this one has retired."""
