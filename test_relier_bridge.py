@@ -1894,7 +1894,7 @@ def test_per_loop_values_on_foreign_loops_are_closed_and_freed() -> None:
         kept.append(weakref.ref(asyncio.get_running_loop()))
 
     CLOSED_ON_OWN_LOOP.clear()
-    for _ in range(500):
+    for _ in range(1000):
         asyncio.run(use())
     with asyncio.Runner() if sys.version_info >= (3, 11) else contextlib.nullcontext() as runner:
         if runner is not None:
