@@ -1296,6 +1296,8 @@ def test_fault_broker_restart_loses_nothing(pool: str, concurrency: int, private
                                             counting_http_server: Any, tmp_path: Path) -> None:
     """A private Redis broker is SIGKILLed while 200 tasks flow, and restarted 2 s later."""
     pytest.importorskip("httpx")
+    if BROKER_URL.startswith("amqp"):
+        pytest.skip("the RabbitMQ run does the RabbitMQ drill; this one runs in the others")
     broker = private_redis("broker", persist=True)
     backend = _file_backend(tmp_path / "results")
     env = _fault_env(broker.url, backend, counting_http_server)
@@ -1306,6 +1308,60 @@ def test_fault_broker_restart_loses_nothing(pool: str, concurrency: int, private
         restarted, replaced = _run_through_restart(
             flow, worker, _redis_restart(broker), stack, pool, concurrency, env)
         _check_flow(f"Redis broker restart, {pool}", flow, concurrency, restarted, replaced)
+
+
+RABBITMQCTL = shutil.which("rabbitmqctl")
+
+
+def _rabbitmqctl(*args: str) -> str:
+    assert RABBITMQCTL is not None
+    return subprocess.run([RABBITMQCTL, "-q", *args], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+
+
+@pytest.fixture
+def private_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of the drill's own, deleted after it: its connections alone are hit."""
+    if not BROKER_URL.startswith("amqp") or RABBITMQCTL is None:
+        pytest.skip("runs when RELIER_BROKER_URL=amqp://... names a RabbitMQ on this machine "
+                    "that rabbitmqctl manages (CI's RabbitMQ run): it drops its own connections")
+    vhost = f"relier-{RUN_ID}-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _drop_connections(vhost: str) -> Any:
+    def drop() -> None:
+        for line in _rabbitmqctl("list_connections", "pid", "vhost").splitlines():
+            pid, _, name = line.partition("\t")
+            if name.strip() == vhost:
+                _rabbitmqctl("close_connection", pid.strip(), "relier_bridge fault drill")
+    return drop
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pool, concurrency", POOLS)
+def test_fault_rabbitmq_connections_dropped_lose_nothing(
+        pool: str, concurrency: int, private_vhost: str, counting_http_server: Any,
+        tmp_path: Path) -> None:
+    """Every connection to the drill's vhost is closed by RabbitMQ while 200 tasks flow."""
+    pytest.importorskip("httpx")
+    broker = f"amqp://guest:guest@127.0.0.1:5672/{private_vhost}"
+    backend = _file_backend(tmp_path / "results")
+    env = _fault_env(broker, backend, counting_http_server)
+    with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(running_worker(f"amqp-{pool}", pool, concurrency, env=env))
+        producer = stack.enter_context(_producer(broker, backend))
+        flow = Flow(producer, worker.queue, 100)
+        restarted, replaced = _run_through_restart(
+            flow, worker, _drop_connections(private_vhost), stack, pool, concurrency, env)
+        _check_flow(f"RabbitMQ connections dropped, {pool}", flow, concurrency, restarted,
+                    replaced)
 
 
 # ---------------------------------------------------------------------------------------
