@@ -49,7 +49,7 @@ from kombu.utils.encoding import ensure_bytes
 from kombu.utils.json import dumps
 
 import relier_bridge
-from relier_bridge import HardTimeout, SoftContext, bridged_task, per_loop
+from relier_bridge import BridgedResult, HardTimeout, SoftContext, bridged_task, per_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "test_relier_bridge"  # the name workers import this file under
@@ -1308,6 +1308,74 @@ def test_fault_broker_restart_loses_nothing(pool: str, concurrency: int, private
         restarted, replaced = _run_through_restart(
             flow, worker, _redis_restart(broker), stack, pool, concurrency, env)
         _check_flow(f"Redis broker restart, {pool}", flow, concurrency, restarted, replaced)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("pool, concurrency", [("prefork", 2)])  # threads: see README
+def test_fault_result_backend_down_while_tasks_finish(
+        pool: str, concurrency: int, private_redis: Any, counting_http_server: Any) -> None:
+    """The private Redis result backend is SIGKILLed for 3 s while tasks finish; get() and
+    aget() wait meanwhile in the test process."""
+    pytest.importorskip("httpx")
+    if BROKER_URL.startswith("amqp"):
+        pytest.skip("the RabbitMQ run does the RabbitMQ drill; this one runs in the others")
+    broker = private_redis("broker")
+    backend = private_redis("backend", persist=True)
+    env = _fault_env(broker.url, backend.url, counting_http_server)
+    waited: dict[str, Any] = {}
+    with running_worker(f"backend-{pool}", pool, concurrency, env=env) as worker, \
+            _producer(broker.url, backend.url) as producer:
+        flow = Flow(producer, worker.queue, 30, seconds=0.2)
+        bridged_ids = [result.id for kind, _, result in flow.sent if kind == "bridged"]
+
+        def wait_with_get() -> None:
+            try:
+                waited["get"] = [get(result, 20) for _, _, result in flow.sent]
+            except Exception as exc:
+                waited["get"] = exc
+
+        async def wait_with_aget() -> Any:
+            results = [BridgedResult(task_id, app=producer) for task_id in bridged_ids]
+            return await asyncio.gather(*(r.aget(20, interval=0.05) for r in results),
+                                        return_exceptions=True)
+
+        getter = threading.Thread(target=wait_with_get, daemon=True)
+        getter.start()
+        agetter = threading.Thread(
+            target=lambda: waited.setdefault("aget", asyncio.run(wait_with_aget())),
+            daemon=True)
+        agetter.start()
+        _poll(lambda: flow.count("end") >= len(flow.sent) // 4, 60, "a quarter of the tasks done")
+        _redis_restart(backend)()
+        back = time.time()
+        _poll(lambda: flow.count("end") == len(flow.sent), 60, "every task ends",
+              lambda: f"{flow.figures()}; log:\n" + "\n".join(worker.lines[-40:]))
+        getter.join(40)
+        agetter.join(40)
+        assert not getter.is_alive() and not agetter.is_alive(), "a waiter hangs"
+        time.sleep(VISIBILITY + 3)
+        states: dict[str, dict[str, int]] = {"bridged": {}, "plain": {}}
+        served = []
+        for kind, _, result in flow.sent:
+            state = producer.AsyncResult(result.id).state
+            states[kind][state] = states[kind].get(state, 0) + 1
+            if kind == "bridged" and state == "SUCCESS":
+                served.append(get(result))
+        figures = flow.figures()
+        after = [get(producer.send_task(fault_bridged.name, (f"{flow.drill}-after-{i}", 0),
+                                        queue=worker.queue), 30) for i in range(4)]
+    aget_errors = [type(v).__name__ for v in waited["aget"] if isinstance(v, BaseException)]
+    _report(f"result backend down 3 s, {pool}; stored states {states}; get() waiter: "
+            f"{type(waited['get']).__name__}; aget() errors: {len(aget_errors)} "
+            f"{sorted(set(aget_errors))}", figures)
+    # Celery's own outcome (stored after retry, failed, or never stored), alike for both.
+    assert set(states["bridged"]) <= {"SUCCESS", "FAILURE", "PENDING"}, states
+    assert abs(states["bridged"].get("SUCCESS", 0) - states["plain"].get("SUCCESS", 0)) <= 4
+    assert states["bridged"].get("SUCCESS", 0) >= 30 // 2, states
+    for kind in ("bridged", "plain"):
+        assert figures[kind]["lost"] == 0 and figures[kind]["duplicated"] == 0, figures
+    _check_served_on(served + after, back, one_per_pid=True)
 
 
 RABBITMQCTL = shutil.which("rabbitmqctl")
