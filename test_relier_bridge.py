@@ -64,7 +64,7 @@ from kombu.utils.encoding import ensure_bytes
 from kombu.utils.json import dumps
 
 import relier_bridge
-from relier_bridge import HardTimeout, SoftContext, bridged_task, per_loop
+from relier_bridge import BridgedResult, HardTimeout, SoftContext, bridged_task, per_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "test_relier_bridge"  # the name workers import this file under
@@ -160,6 +160,13 @@ app.conf.update(
     result_expires=3600,
     task_inherit_parent_priority=True,
 )
+if os.environ.get("RELIER_VISIBILITY_TIMEOUT"):  # broker drills: Redis gives unacked work back
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options, "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+        "visibility_timeout": float(os.environ["RELIER_VISIBILITY_TIMEOUT"])}
+if os.environ.get("RELIER_CANCEL_ON_CONNECTION_LOSS"):
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
 
 
 @after_task_publish.connect
@@ -891,6 +898,7 @@ def test_unserialisable_arguments_fail_at_the_call_site() -> None:
 # Fault drills: hostile tasks, signals and dying processes.
 # ---------------------------------------------------------------------------------------
 log = logging.getLogger(MODULE)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request drowns the log
 BACKGROUND: list[Any] = []
 
 
@@ -1085,6 +1093,417 @@ def test_drill_green_thread_pools_are_refused(pool: str) -> None:
         with pytest.raises(RuntimeError, match="real threads"):
             get(result)
         assert get(worker.send(sync_facts))["pid"] == worker.process.pid
+
+
+# ---------------------------------------------------------------------------------------
+# Broker and backend faults: the broker or the result backend goes away mid-run. A bridged
+# async task and the same plain sync task run side by side in one worker, under one fault;
+# each body run is counted (start and end) in the data folder, by task key.
+# ---------------------------------------------------------------------------------------
+REDIS_SERVER = shutil.which("redis-server")
+_sync_http_clients: dict[str, Any] = {}
+
+
+def _sync_http_client() -> Any:
+    """The plain task's counterpart of per_loop: one keep-alive client per worker thread."""
+    import httpx
+
+    holder = f"{os.getpid()}-{threading.current_thread().name}"
+    if holder not in _sync_http_clients:
+        _sync_http_clients[holder] = httpx.Client(
+            base_url=os.environ["RELIER_CLIENTS_HTTP_URL"], trust_env=False,
+            limits=httpx.Limits(keepalive_expiry=60))
+    return _sync_http_clients[holder]
+
+
+@bridged_task(app=app, acks_late=True)
+async def fault_bridged(key: str, seconds: float) -> dict[str, Any]:
+    count_run(f"start-{key}")
+    client = await http_client()  # a per_loop client, kept across faults
+    (await client.get("/")).raise_for_status()
+    await asyncio.sleep(seconds)
+    count_run(f"end-{key}")
+    holder = _loop_tokens.setdefault(asyncio.get_running_loop(), uuid.uuid4().hex)
+    return {"pid": os.getpid(), "holder": holder, "client": id(client), "at": time.time()}
+
+
+@app.task(acks_late=True)
+def fault_plain(key: str, seconds: float) -> dict[str, Any]:
+    count_run(f"start-{key}")
+    client = _sync_http_client()
+    client.get("/").raise_for_status()
+    time.sleep(seconds)
+    count_run(f"end-{key}")
+    return {"pid": os.getpid(), "holder": f"{os.getpid()}-{threading.current_thread().name}",
+            "client": id(client), "at": time.time()}
+
+
+@bridged_task(app=app, acks_late=True)
+async def long_bridged(key: str, seconds: float) -> str:
+    count_run(f"start-{key}")
+    log.warning("long task %s started in pid %d", key, os.getpid())
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        count_run(f"cancelled-{key}")
+        raise
+    finally:
+        count_run(f"finally-{key}")
+    count_run(f"end-{key}")
+    return key
+
+
+@app.task(acks_late=True)
+def long_plain(key: str, seconds: float) -> str:
+    count_run(f"start-{key}")
+    log.warning("long task %s started in pid %d", key, os.getpid())
+    try:
+        time.sleep(seconds)
+    except BaseException:
+        count_run(f"cancelled-{key}")
+        raise
+    finally:
+        count_run(f"finally-{key}")
+    count_run(f"end-{key}")
+    return key
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PrivateRedis:
+    """A redis-server of the drill's own, on a free port; killed by pid and restarted on the
+    same port. ``persist``: every write reaches the disk first, so a SIGKILL loses nothing."""
+
+    def __init__(self, folder: Path, persist: bool) -> None:
+        assert REDIS_SERVER is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                        "--dir", str(folder), "--save", "", "--appendfsync", "always",
+                        "--appendonly", "yes" if persist else "no",
+                        "--logfile", str(folder / "redis.log")]
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.start()
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        _poll(self.answers, 20, f"private redis-server on port {self.port} answers")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Any]:
+    """Start private redis-servers; each is killed by pid when the test ends."""
+    if REDIS_SERVER is None:
+        pytest.skip("needs redis-server on PATH (Debian: apt-get install redis-server): the "
+                    "drill starts, kills and restarts a private one on a free port")
+    servers: list[PrivateRedis] = []
+
+    def start(name: str, persist: bool = False) -> PrivateRedis:
+        servers.append(PrivateRedis(tmp_path / name, persist))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.kill()
+
+
+@contextlib.contextmanager
+def _producer(broker: str, backend: str) -> Iterator[celery.Celery]:
+    """The test's own app on a drill's private broker and backend: tasks go by name."""
+    producer = celery.Celery(f"{MODULE}-producer", broker=broker, backend=backend,
+                             set_as_current=False)
+    producer.conf.broker_connection_retry_on_startup = True
+    try:
+        yield producer
+    finally:
+        producer.close()
+
+
+class Flow:
+    """Tasks sent side by side, bridged and plain alternately, each under its own key."""
+
+    def __init__(self, producer: celery.Celery, queue: str, per_kind: int,
+                 tasks: tuple[Any, Any] = (fault_bridged, fault_plain),
+                 seconds: float = 0.05) -> None:
+        self.drill = uuid.uuid4().hex[:12]
+        self.sent: list[tuple[str, str, AsyncResult]] = []
+        for i in range(per_kind):
+            for kind, task in zip(("bridged", "plain"), tasks):
+                key = f"{self.drill}-{kind}-{i}"
+                self.sent.append((kind, key, producer.send_task(
+                    task.name, (key, seconds), queue=queue)))
+
+    def count(self, what: str) -> int:
+        return sum(1 for _ in DATA_DIR.glob(f"runs-{what}-{self.drill}-*"))
+
+    def figures(self) -> dict[str, dict[str, int]]:
+        figures: dict[str, dict[str, int]] = {}
+        for kind, key, _ in self.sent:
+            starts, ends = runs_of(f"start-{key}"), runs_of(f"end-{key}")
+            row = figures.setdefault(kind, dict.fromkeys(
+                ("sent", "completed", "redelivered", "duplicated", "lost"), 0))
+            row["sent"] += 1
+            row["completed"] += ends > 0
+            row["redelivered"] += starts > 1  # its body started again
+            row["duplicated"] += ends > 1  # its body ran to its end more than once
+            row["lost"] += ends == 0
+        return figures
+
+    def results(self, kind: str, timeout: float = 30) -> list[Any]:
+        return [get(result, timeout) for k, _, result in self.sent if k == kind]
+
+
+def _report(title: str, figures: dict[str, dict[str, int]]) -> str:
+    text = f"{title}: " + "; ".join(
+        f"{kind} " + ", ".join(f"{name} {value}" for name, value in row.items())
+        for kind, row in figures.items())
+    print(text)
+    return text
+
+
+def _check_served_on(results: list[dict[str, Any]], after: float, one_per_pid: bool) -> None:
+    """Each holder (a bridge loop; a plain worker thread) kept its one HTTP client the whole
+    run through, and served after ``after``; ``one_per_pid``: one loop per process."""
+    holders: dict[int, set[str]] = {}
+    connections: dict[str, set[int]] = {}
+    for result in results:
+        connections.setdefault(result["holder"], set()).add(result["client"])
+        holders.setdefault(result["pid"], set()).add(result["holder"])
+    assert any(result["at"] > after for result in results), "nothing served after the fault"
+    assert all(len(numbers) == 1 for numbers in connections.values()), connections
+    if one_per_pid:
+        assert all(len(loops) == 1 for loops in holders.values()), holders
+
+
+POOLS = [("prefork", 2), ("threads", 4)]
+VISIBILITY = 5  # seconds before Redis gives an unacked message back; the drills wait it out
+
+
+def _fault_env(broker: str, backend: str, server: Any, **extra: str) -> dict[str, str]:
+    return {"RELIER_BROKER_URL": broker, "RELIER_RESULT_BACKEND": backend,
+            "RELIER_CLIENTS_HTTP_URL": f"http://127.0.0.1:{server.server_port}",
+            "RELIER_VISIBILITY_TIMEOUT": str(VISIBILITY), **extra}
+
+
+def _file_backend(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"{MODULE}.AtomicFileBackend+file://{folder}"
+
+
+def _run_through_restart(flow: Flow, worker: Worker, restart: Any, stack: contextlib.ExitStack,
+                         pool: str, concurrency: int, env: dict[str, str]) -> tuple[float, bool]:
+    """Wait for a quarter of the tasks, ``restart()`` the broker, wait for the rest. A worker
+    that consumes nothing for 20 s after the restart (kombu's Redis consumer can miss the
+    loss) is replaced, as an operator would: returns the restart time and whether it was."""
+    _poll(lambda: flow.count("end") >= len(flow.sent) // 4, 60, "a quarter of the tasks done")
+    restart()
+    restarted, replaced = time.time(), False
+    done = flow.count("end")
+    deadline = time.monotonic() + 20
+    while flow.count("end") < len(flow.sent):
+        if flow.count("end") > done:
+            done, deadline = flow.count("end"), time.monotonic() + 20
+        elif time.monotonic() > deadline and not replaced:
+            log.warning("%s stalled after the restart; replacing it", worker.name)
+            worker.stop()
+            stack.enter_context(running_worker(f"{worker.name}-again", pool, concurrency,
+                                               "-Q", worker.queue, env=env))
+            replaced, deadline = True, time.monotonic() + 60
+        elif time.monotonic() > deadline:
+            raise AssertionError(f"tasks lost: {flow.figures()}")
+        time.sleep(0.2)
+    time.sleep(VISIBILITY + 3)  # what the broker still holds unacked comes back meanwhile
+    return restarted, replaced
+
+
+def _redis_restart(server: PrivateRedis) -> Any:
+    def restart() -> None:
+        server.kill()
+        time.sleep(2)
+        server.start()
+    return restart
+
+
+def _check_flow(title: str, flow: Flow, in_flight: int, restarted: float,
+                replaced: bool) -> dict[str, dict[str, int]]:
+    figures = flow.figures()
+    _report(f"{title}, {in_flight} in flight at the fault, worker replaced: {replaced}", figures)
+    for kind in ("bridged", "plain"):
+        assert figures[kind]["lost"] == 0, figures
+        # Only work in flight (started or prefetched) at the fault may run again.
+        assert figures[kind]["redelivered"] <= in_flight + 4, figures
+        assert figures[kind]["duplicated"] <= in_flight + 4, figures
+    bridged, plain = flow.results("bridged"), flow.results("plain")
+    _check_served_on(bridged, restarted, one_per_pid=True)
+    _check_served_on(plain, restarted, one_per_pid=False)
+    return figures
+
+
+@long_drill
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pool, concurrency", POOLS)
+def test_fault_broker_restart_loses_nothing(pool: str, concurrency: int, private_redis: Any,
+                                            counting_http_server: Any, tmp_path: Path) -> None:
+    """A private Redis broker is SIGKILLed while 200 tasks flow, and restarted 2 s later."""
+    pytest.importorskip("httpx")
+    if BROKER_URL.startswith("amqp"):
+        pytest.skip("the RabbitMQ run does the RabbitMQ drill; this one runs in the others")
+    broker = private_redis("broker", persist=True)
+    backend = _file_backend(tmp_path / "results")
+    env = _fault_env(broker.url, backend, counting_http_server)
+    with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(running_worker(f"broker-{pool}", pool, concurrency, env=env))
+        producer = stack.enter_context(_producer(broker.url, backend))
+        flow = Flow(producer, worker.queue, 100)
+        restarted, replaced = _run_through_restart(
+            flow, worker, _redis_restart(broker), stack, pool, concurrency, env)
+        _check_flow(f"Redis broker restart, {pool}", flow, concurrency, restarted, replaced)
+
+
+@long_drill
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("pool, concurrency", [("prefork", 2)])  # threads: see README
+def test_fault_result_backend_down_while_tasks_finish(
+        pool: str, concurrency: int, private_redis: Any, counting_http_server: Any) -> None:
+    """The private Redis result backend is SIGKILLed for 3 s while tasks finish; get() and
+    aget() wait meanwhile in the test process."""
+    pytest.importorskip("httpx")
+    if BROKER_URL.startswith("amqp"):
+        pytest.skip("the RabbitMQ run does the RabbitMQ drill; this one runs in the others")
+    broker = private_redis("broker")
+    backend = private_redis("backend", persist=True)
+    env = _fault_env(broker.url, backend.url, counting_http_server)
+    waited: dict[str, Any] = {}
+    with running_worker(f"backend-{pool}", pool, concurrency, env=env) as worker, \
+            _producer(broker.url, backend.url) as producer:
+        flow = Flow(producer, worker.queue, 30, seconds=0.2)
+        bridged_ids = [result.id for kind, _, result in flow.sent if kind == "bridged"]
+
+        def wait_with_get() -> None:
+            try:
+                waited["get"] = [get(result, 20) for _, _, result in flow.sent]
+            except Exception as exc:
+                waited["get"] = exc
+
+        async def wait_with_aget() -> Any:
+            results = [BridgedResult(task_id, app=producer) for task_id in bridged_ids]
+            return await asyncio.gather(*(r.aget(20, interval=0.05) for r in results),
+                                        return_exceptions=True)
+
+        getter = threading.Thread(target=wait_with_get, daemon=True)
+        getter.start()
+        agetter = threading.Thread(
+            target=lambda: waited.setdefault("aget", asyncio.run(wait_with_aget())),
+            daemon=True)
+        agetter.start()
+        _poll(lambda: flow.count("end") >= len(flow.sent) // 4, 60, "a quarter of the tasks done")
+        _redis_restart(backend)()
+        back = time.time()
+        _poll(lambda: flow.count("end") == len(flow.sent), 60, "every task ends",
+              lambda: f"{flow.figures()}; log:\n" + "\n".join(worker.lines[-40:]))
+        getter.join(40)
+        agetter.join(40)
+        assert not getter.is_alive() and not agetter.is_alive(), "a waiter hangs"
+        time.sleep(VISIBILITY + 3)
+        states: dict[str, dict[str, int]] = {"bridged": {}, "plain": {}}
+        served = []
+        for kind, _, result in flow.sent:
+            state = producer.AsyncResult(result.id).state
+            states[kind][state] = states[kind].get(state, 0) + 1
+            if kind == "bridged" and state == "SUCCESS":
+                served.append(get(result))
+        figures = flow.figures()
+        after = [get(producer.send_task(fault_bridged.name, (f"{flow.drill}-after-{i}", 0),
+                                        queue=worker.queue), 30) for i in range(4)]
+    aget_errors = [type(v).__name__ for v in waited["aget"] if isinstance(v, BaseException)]
+    _report(f"result backend down 3 s, {pool}; stored states {states}; get() waiter: "
+            f"{type(waited['get']).__name__}; aget() errors: {len(aget_errors)} "
+            f"{sorted(set(aget_errors))}", figures)
+    # Celery's own outcome (stored after retry, failed, or never stored), alike for both.
+    assert set(states["bridged"]) <= {"SUCCESS", "FAILURE", "PENDING"}, states
+    assert abs(states["bridged"].get("SUCCESS", 0) - states["plain"].get("SUCCESS", 0)) <= 4
+    assert states["bridged"].get("SUCCESS", 0) >= 30 // 2, states
+    for kind in ("bridged", "plain"):
+        assert figures[kind]["lost"] == 0 and figures[kind]["duplicated"] == 0, figures
+    # aget() rides the outage out as get() does: only a result never stored times it out.
+    assert aget_errors == ["TimeoutError"] * states["bridged"].get("PENDING", 0), aget_errors
+    _check_served_on(served + after, back, one_per_pid=True)
+
+
+RABBITMQCTL = shutil.which("rabbitmqctl")
+
+
+def _rabbitmqctl(*args: str) -> str:
+    assert RABBITMQCTL is not None
+    return subprocess.run([RABBITMQCTL, "-q", *args], capture_output=True, text=True,
+                          timeout=60, check=True).stdout
+
+
+@pytest.fixture
+def private_vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of the drill's own, deleted after it: its connections alone are hit."""
+    if not BROKER_URL.startswith("amqp") or RABBITMQCTL is None:
+        pytest.skip("runs when RELIER_BROKER_URL=amqp://... names a RabbitMQ on this machine "
+                    "that rabbitmqctl manages (CI's RabbitMQ run): it drops its own connections")
+    vhost = f"relier-{RUN_ID}-{uuid.uuid4().hex[:8]}"
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _drop_connections(vhost: str) -> Any:
+    def drop() -> None:
+        for line in _rabbitmqctl("list_connections", "pid", "vhost").splitlines():
+            pid, _, name = line.partition("\t")
+            if name.strip() == vhost:
+                _rabbitmqctl("close_connection", pid.strip(), "relier_bridge fault drill")
+    return drop
+
+
+@long_drill
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("pool, concurrency", POOLS)
+def test_fault_rabbitmq_connections_dropped_lose_nothing(
+        pool: str, concurrency: int, private_vhost: str, counting_http_server: Any,
+        tmp_path: Path) -> None:
+    """Every connection to the drill's vhost is closed by RabbitMQ while 200 tasks flow."""
+    pytest.importorskip("httpx")
+    broker = f"amqp://guest:guest@127.0.0.1:5672/{private_vhost}"
+    backend = _file_backend(tmp_path / "results")
+    env = _fault_env(broker, backend, counting_http_server)
+    with contextlib.ExitStack() as stack:
+        worker = stack.enter_context(running_worker(f"amqp-{pool}", pool, concurrency, env=env))
+        producer = stack.enter_context(_producer(broker, backend))
+        flow = Flow(producer, worker.queue, 100)
+        restarted, replaced = _run_through_restart(
+            flow, worker, _drop_connections(private_vhost), stack, pool, concurrency, env)
+        _check_flow(f"RabbitMQ connections dropped, {pool}", flow, concurrency, restarted,
+                    replaced)
 
 
 # ---------------------------------------------------------------------------------------
