@@ -1138,33 +1138,49 @@ def fault_plain(key: str, seconds: float) -> dict[str, Any]:
             "client": id(client), "at": time.time()}
 
 
+def note(key: str, event: str) -> None:
+    """Append one timed event of a task body's run to its journal in the data folder."""
+    with (DATA_DIR / f"journal-{key}").open("a") as journal:  # O_APPEND: one whole line
+        journal.write(f"{event} {time.time():.3f} {os.getpid()}\n")
+
+
+def journal(key: str) -> list[tuple[str, float, int]]:
+    path = DATA_DIR / f"journal-{key}"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [(event, float(at), int(pid)) for event, at, pid in map(str.split, lines)]
+
+
 @bridged_task(app=app, acks_late=True)
 async def long_bridged(key: str, seconds: float) -> str:
-    count_run(f"start-{key}")
-    log.warning("long task %s started in pid %d", key, os.getpid())
+    note(key, "start")
     try:
-        await asyncio.sleep(seconds)
-    except asyncio.CancelledError:
-        count_run(f"cancelled-{key}")
+        for _ in range(round(seconds / 0.1)):
+            await asyncio.sleep(0.1)
+        note(key, "end")
+    except BaseException as exc:
+        note(key, f"raised-{type(exc).__name__}")
         raise
     finally:
-        count_run(f"finally-{key}")
-    count_run(f"end-{key}")
+        note(key, "finally")
+        await asyncio.sleep(0.3)  # cleanup that awaits: closing a connection, say
+        note(key, "cleaned")
     return key
 
 
 @app.task(acks_late=True)
 def long_plain(key: str, seconds: float) -> str:
-    count_run(f"start-{key}")
-    log.warning("long task %s started in pid %d", key, os.getpid())
+    note(key, "start")
     try:
-        time.sleep(seconds)
-    except BaseException:
-        count_run(f"cancelled-{key}")
+        for _ in range(round(seconds / 0.1)):
+            time.sleep(0.1)
+        note(key, "end")
+    except BaseException as exc:
+        note(key, f"raised-{type(exc).__name__}")
         raise
     finally:
-        count_run(f"finally-{key}")
-    count_run(f"end-{key}")
+        note(key, "finally")
+        time.sleep(0.3)  # cleanup that waits: closing a connection, say
+        note(key, "cleaned")
     return key
 
 
@@ -1504,6 +1520,134 @@ def test_fault_rabbitmq_connections_dropped_lose_nothing(
             flow, worker, _drop_connections(private_vhost), stack, pool, concurrency, env)
         _check_flow(f"RabbitMQ connections dropped, {pool}", flow, concurrency, restarted,
                     replaced)
+
+
+CANCEL_RUN = 8.0  # seconds each long task runs, in 0.1 s steps
+CANCEL_VISIBILITY = 14  # above a whole run: Redis gives back only what a fault left unacked
+CANCEL_LOG = re.compile(  # the worker's lines the drill reports
+    "Connection to broker lost|cannot be acknowledged after a connection loss|Failed to cancel|"
+    "NotImplementedError|WorkerLostError|exited prematurely|[Ss]ignal 15|Couldn't ack|"
+    "succeeded in|[Rr]estoring|raised unexpected")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _runs(key: str, since: float) -> list[dict[str, Any]]:
+    """Each run of a long task's body: its pid, and when (seconds after ``since``) it
+    started, reached its end, raised (and what), entered its ``finally``, and ended its
+    cleanup there; None for what it did not do."""
+    runs: list[dict[str, Any]] = []
+    for event, at, pid in journal(key):
+        if event == "start":
+            runs.append({"pid": pid, "start": round(at - since, 1), "end": None,
+                         "raised": None, "finally": None, "cleaned": None})
+        elif event.startswith("raised-"):
+            runs[-1]["raised"] = (event.partition("-")[2], round(at - since, 1))
+        else:
+            runs[-1][event] = round(at - since, 1)
+    return runs
+
+
+def _fate(runs: list[dict[str, Any]], states: list[str], task_id: str,
+          lines: list[str]) -> dict[str, Any]:
+    """What happened to a task, in the terms a bridged and a plain task share."""
+    first = runs[0]
+    return {"cancel tried": any("cannot be acknowledged" in line and task_id in line
+                                for line in lines),
+            "cancel failed": any("Failed to cancel" in line and task_id in line
+                                 for line in lines),
+            "first run finished": first["end"] is not None,
+            "first run raised": first["raised"] is not None,
+            "first run's finally ran": first["finally"] is not None,
+            "first run's finally cleaned up": first["cleaned"] is not None,
+            "runs": len(runs), "later runs finished": all(r["cleaned"] for r in runs[1:]),
+            "states": states}
+
+
+@long_drill
+@pytest.mark.timeout(150)
+# -c 3 for two tasks: a slot stays free, so the worker polls the broker and sees the loss
+# at once (with every slot busy it did not see it: README).
+@pytest.mark.parametrize("pool, concurrency", [("prefork", 3), ("threads", 3)])
+def test_fault_broker_lost_cancels_in_flight_as_celery_does(
+        pool: str, concurrency: int, private_redis: Any, tmp_path: Path) -> None:
+    """``worker_cancel_long_running_tasks_on_connection_loss=True``: the private Redis broker
+    is SIGKILLed while a long bridged and a long plain ``acks_late`` task run side by side,
+    and restarted 2 s after the worker logs the loss. Whatever Celery does to the plain
+    task's run (terminates it, or fails to), it does to the bridged task's coroutine."""
+    if BROKER_URL.startswith("amqp"):
+        pytest.skip("a Redis broker drill: it runs in the non-AMQP suite runs")
+    broker = private_redis("broker", persist=True)
+    backend = _file_backend(tmp_path / "results")
+    env = {"RELIER_BROKER_URL": broker.url, "RELIER_RESULT_BACKEND": backend,
+           "RELIER_VISIBILITY_TIMEOUT": str(CANCEL_VISIBILITY),
+           "RELIER_CANCEL_ON_CONNECTION_LOSS": "1"}
+    drill = uuid.uuid4().hex[:12]
+    keys = {"bridged": f"{drill}-bridged", "plain": f"{drill}-plain"}
+    states: dict[str, list[str]] = {"bridged": [], "plain": []}
+    watching = threading.Event()
+    with running_worker(f"cancel-{pool}", pool, concurrency, env=env) as worker, \
+            _producer(broker.url, backend) as producer:
+        sent = {kind: producer.send_task(task.name, (keys[kind], CANCEL_RUN), queue=worker.queue)
+                for kind, task in (("bridged", long_bridged), ("plain", long_plain))}
+
+        def watch_states() -> None:  # every state the backend holds, in order
+            while True:
+                last = watching.is_set()  # one more look once told to stop
+                for kind, result in sent.items():
+                    state = producer.AsyncResult(result.id).state
+                    if not states[kind] or states[kind][-1] != state:
+                        states[kind].append(state)
+                if last:
+                    return
+                watching.wait(0.05)
+
+        watcher = threading.Thread(target=watch_states, daemon=True)
+        watcher.start()
+        _poll(lambda: all(journal(key) for key in keys.values()), 60, "both long tasks start")
+        first_start = min(journal(key)[0][1] for key in keys.values())
+        start = len(worker.lines)
+        broker.kill()
+        killed = time.time()
+        worker.wait_for("Connection to broker lost", 15, start)
+        time.sleep(2)
+        broker.start()
+
+        def settled() -> bool:  # every run over, and a redelivery has had its time to come
+            runs = [run for key in keys.values() for run in _runs(key, killed)]
+            return time.time() > first_start + CANCEL_VISIBILITY + 4 and all(
+                run["cleaned"] is not None or not _alive(run["pid"]) for run in runs)
+
+        _poll(settled, 90, "every run ends", lambda: {
+            kind: _runs(key, killed) for kind, key in keys.items()})
+        finals = {kind: get(result, 30) for kind, result in sent.items()}
+        watching.set()
+        watcher.join(10)
+        stopped = worker.stop()  # a warm shutdown: nothing hangs
+    lines = worker.lines[start:]
+    runs = {kind: _runs(key, killed) for kind, key in keys.items()}
+    fates = {kind: _fate(runs[kind], states[kind], sent[kind].id, lines) for kind in keys}
+    print(f"\nbroker lost, cancel on connection loss, {pool} -c {concurrency}; worker exit "
+          f"code {stopped}; task ids {({kind: r.id for kind, r in sent.items()})}")
+    for kind in keys:
+        print(f"  {kind}: runs {runs[kind]}; fate {fates[kind]}")
+    for line in lines:
+        if CANCEL_LOG.search(line):
+            print("  log:", line[:240])
+    assert not watcher.is_alive() and stopped == 0, "the watcher or the worker hangs"
+    assert finals == keys, finals  # every task ends, redelivered or not
+    assert fates["bridged"]["cancel tried"] and fates["plain"]["cancel tried"], fates
+    assert fates["bridged"] == fates["plain"], {  # (bridged, plain) where they differ
+        what: (fates["bridged"][what], fates["plain"][what]) for what in fates["plain"]
+        if fates["bridged"][what] != fates["plain"][what]}
+    if fates["plain"]["first run raised"]:  # terminated: both at the fault, not at their end
+        assert all(runs[kind][0]["finally"] < 3 for kind in keys), runs
 
 
 # ---------------------------------------------------------------------------------------
