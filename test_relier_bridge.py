@@ -2379,7 +2379,7 @@ def test_sqlalchemy_async_engine_made_at_import_serves_forked_children(prefork: 
 WAKE_UPS: dict[str, asyncio.Event] = {}
 
 
-@bridged_task(app=app, hard_timeout=1)
+@bridged_task(app=app, hard_timeout=3)  # the blocker has 3 s to start, on a busy machine too
 async def woken_behind_a_blocker(key: str) -> None:
     WAKE_UPS[key] = asyncio.Event()
     log.warning("waiting %s", key)
@@ -2400,7 +2400,7 @@ def test_a_run_given_up_takes_no_further_step_and_names_the_blocker(threads: Wor
     key, start = uuid.uuid4().hex, len(threads.lines)
     healthy = threads.send(woken_behind_a_blocker, key)
     threads.wait_for(f"waiting {key}", timeout=30, start=start)
-    blocker = threads.send(wakes_then_blocks, key, 4.0)
+    blocker = threads.send(wakes_then_blocks, key, 8.0)  # past the waiter's 3 s + grace
     with pytest.raises(HardTimeout) as caught:
         get(healthy)
     assert f"task {wakes_then_blocks.name} held its event loop" in str(caught.value)
