@@ -825,7 +825,12 @@ def one_at_a_time(settings: Settings) -> Section:
                     latencies[name].append(returned - ended)
                     cpu[name] += time.process_time() - cpu_started
                     waited[name] += returned - started
-    finally:
+    finally:  # as asyncio.run ends: leftover tasks (aget's poller ends a turn later) first
+        leftover = asyncio.all_tasks(loop)
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            loop.run_until_complete(asyncio.wait(leftover))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     rows = []
