@@ -126,12 +126,27 @@ class _Limits:
             raise TypeError(f"on_soft must be callable, got {self.on_soft!r}")
 
 
+class _SoftCancel(asyncio.CancelledError, SoftTimeLimitExceeded):  # type: ignore[misc, unused-ignore]
+    """Celery's soft time limit as a body sees it: a cancellation that asyncio and anyio clean
+    up after (TaskGroup, wait_for, Lock hand-offs, asyncio.timeout), and the
+    SoftTimeLimitExceeded of a plain task, for the body to catch and recover from."""
+
+
+def _is_soft_stop(error: BaseException) -> bool:
+    """Whether a body let Celery's soft limit escape: bare, or grouped (TaskGroup of 3.11 and
+    3.12 groups a subclass of CancelledError), to be reported as SoftTimeLimitExceeded."""
+    group = getattr(error, "exceptions", None)
+    if isinstance(group, tuple) and group:
+        return all(_is_soft_stop(leaf) for leaf in group)
+    return isinstance(error, _SoftCancel)
+
+
 # A run and its loop: start, settle, timers, give-up, retirement ---------------------------
 class _Run:
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
     __slots__ = ("coro", "context", "limits", "name", "soft", "started", "cancelled", "given_up",
-                 "held_by", "pending", "task", "timer", "hook", "hub", "outcome", "error",
+                 "held_by", "owed", "landing", "task", "timer", "hook", "hub", "outcome", "error",
                  "settled", "owner")
     owner: _Loop  # the loop it was last handed to: where it starts, or moves on from
 
@@ -146,8 +161,11 @@ class _Run:
         self.cancelled = False  # past hard_timeout, or given up by its waiter
         self.given_up = False  # by its waiter, past its limit: its loop may be stuck
         self.held_by: Optional[str] = None  # what held the loop then, if not this run
-        self.pending: Optional[BaseException] = None  # to throw in before the next step
-        self.task: Optional[asyncio.Task[None]] = None
+        # A stop (see stop) is owed until the body's Task is cancelled for it, then landing
+        # until that cancel is thrown in: as itself, in place of the Task's CancelledError.
+        self.owed: Optional[asyncio.CancelledError] = None
+        self.landing: Optional[asyncio.CancelledError] = None
+        self.task: Optional[asyncio.Future[Any]] = None  # the Task, once it steps the body
         self.timer: Optional[asyncio.TimerHandle] = None
         self.hook: Optional[asyncio.Task[None]] = None
         self.hub: Any = None  # kombu's hub, when the waiting thread is the one running it
@@ -169,13 +187,13 @@ class _Run:
         if self.hub is not None:  # solo pool: see _note_hub
             self.hub.call_soon(lambda: None)
         if sys.version_info >= (3, 12):  # a body that never suspends settles in this turn
-            self.task = asyncio.Task(self._settle(), loop=owner.loop, name=self.name,
-                                     eager_start=True)
+            task = asyncio.Task(self._settle(), loop=owner.loop, name=self.name,
+                                eager_start=True)
         else:
-            self.task = owner.loop.create_task(self._settle(), name=self.name)
+            task = owner.loop.create_task(self._settle(), name=self.name)
         # One timer at a time, the soft one arming the hard one, and none for a settled run.
         first = self.limits.soft if self.limits.soft is not None else self.limits.hard
-        if first is not None and not self.task.done():
+        if first is not None and not task.done():
             delay = self.started + first - time.monotonic()  # the first step may have taken long
             self.timer = owner.loop.call_later(delay, self._on_timer)
 
@@ -194,26 +212,31 @@ class _Run:
             self.settled.release()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        """Step the coroutine as its Task would, except that a ``pending`` exception is thrown
-        in before the next step: even before a wake-up that a blocked loop had queued."""
+        """Step the coroutine as its Task would, but throw a stop's cancel in as the stop (see
+        stop); and a stop asked for before the first step, or a give-up, before any step."""
+        self.task = asyncio.current_task()
         sent: Any = None
         thrown: Optional[BaseException] = None
+        stop_now = self.owed is not None
         while True:
-            if self.pending is not None:
-                if isinstance(thrown, asyncio.CancelledError) and sys.version_info >= (3, 11):
-                    cast("asyncio.Task[None]", self.task).uncancel()  # it only woke the body
-                thrown = self.pending
-                self.pending = None
+            if stop_now:  # counted as any cancel, and thrown in instead of the queued step
+                self._cancel_owed()
+                try:
+                    yield from self.owner.loop.create_future()  # cancelled as this step ends
+                except asyncio.CancelledError as cancel:
+                    thrown = cancel
+            if isinstance(thrown, asyncio.CancelledError) and self.landing is not None:
+                thrown, self.landing = self.landing, None
             try:
                 step = self.coro.send(sent) if thrown is None else self.coro.throw(thrown)
             except StopIteration as stop:
                 return stop.value
             try:
-                sent = yield step
-                thrown = None
-            except BaseException as exc:  # what the Task throws in: the awaited one's error
-                sent = None
-                thrown = exc
+                sent, thrown = (yield step), None
+            except BaseException as exc:  # what the Task throws in: a cancel, an awaited error
+                sent, thrown = None, exc
+            # given up while its loop was blocked, it takes no step the loop had queued then
+            stop_now = self.cancelled and self.owed is not None
 
     def _on_timer(self) -> None:
         if self.hook is not None or self.soft is None:  # past hard_timeout
@@ -233,16 +256,18 @@ class _Run:
         except Exception:
             logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
-    def interrupt(self, exc: BaseException) -> None:
-        """From any thread: ``exc`` lands in the body before its next step; a body waiting for
-        something that may never come is woken for it."""
-        self.pending = exc
-        self.owner.call(self._deliver)
+    def stop(self, cancel: asyncio.CancelledError) -> None:
+        """From any thread: cancel the body's Task, as asyncio counts cancels (``cancelling``,
+        ``uncancel``), and throw ``cancel`` in at its ``await``: a CancelledError for a hard
+        stop, a _SoftCancel for Celery's soft limit, which the body may handle."""
+        self.owed = cancel
+        self.owner.call(self._cancel_owed)
 
-    def _deliver(self) -> None:  # on the loop
-        if self.pending is not None and self.task is not None:
-            self.task.cancel()  # __await__ throws the pending exception in instead
-        if self.cancelled:
+    def _cancel_owed(self) -> None:  # on the loop; a body yet to step takes it at its first
+        if self.owed is not None and self.task is not None and not self.task.done():
+            self.landing, self.owed = self.owed, None
+            self.task.cancel()
+        if self.cancelled:  # a retired loop no longer waits for it
             self.owner.finished(self)
 
     def wait(self) -> Any:
@@ -256,8 +281,8 @@ class _Run:
                 if self._left() == 0:
                     self._give_up_past_limit()
                     break
-            except SoftTimeLimitExceeded as exc:
-                self.interrupt(exc)
+            except SoftTimeLimitExceeded as exc:  # raised into this thread by Celery's signal
+                self.stop(_SoftCancel(*exc.args))
             except BaseException:
                 self.abandon()
                 raise
@@ -266,6 +291,8 @@ class _Run:
                               self.held_by)
         if self.error is None:
             return self.outcome
+        if _is_soft_stop(self.error):
+            raise SoftTimeLimitExceeded() from self.error
         if isinstance(self.error, Exception):
             raise self.error
         # Celery's tracer lets SystemExit and the like escape, and no result is ever stored:
@@ -301,7 +328,7 @@ class _Run:
         its next step, whatever its loop had queued, and no longer keeps a retired loop."""
         self.cancelled = True  # seen by start, should the run be on its way to another loop
         self.owner.queued.discard(self)
-        self.interrupt(asyncio.CancelledError())
+        self.stop(asyncio.CancelledError())
 
 
 class _LoopState(enum.Enum):

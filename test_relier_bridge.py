@@ -2653,6 +2653,181 @@ def test_children_inherit_the_parent_priority_as_from_a_plain_task(prefork: Work
 
 
 # ---------------------------------------------------------------------------------------
+# Cancellation as asyncio means it: each body runs twice, under asyncio.run with a cancel at
+# the same moment (the reference), and on a worker under Celery's soft_time_limit (prefork)
+# or hard_timeout (threads). Same steps, same outcome: CancelledError there is the stop here.
+# ---------------------------------------------------------------------------------------
+STOP_AT = 1.0  # the soft_time_limit and hard_timeout of these bodies, and the reference's cancel
+
+
+async def ticking(key: str, name: str) -> None:
+    """A child that steps until it is cancelled: no tick may follow its body's outcome."""
+    note(key, f"{name}-start")
+    try:
+        while True:
+            await asyncio.sleep(0.05)
+            note(key, f"{name}-tick")
+    finally:
+        note(key, f"{name}-end")
+
+
+async def in_taskgroup(key: str) -> None:
+    async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined, unused-ignore]
+        group.create_task(ticking(key, "child"))
+        note(key, "waiting")
+        await asyncio.sleep(30)
+
+
+async def in_anyio_group(key: str) -> None:
+    import anyio
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(ticking, key, "child")
+        note(key, "waiting")
+        await anyio.sleep(30)
+
+
+async def in_wait_for(key: str) -> None:
+    note(key, "waiting")
+    await asyncio.wait_for(ticking(key, "child"), 30)
+
+
+async def in_gather(key: str) -> None:
+    note(key, "waiting")
+    await asyncio.gather(ticking(key, "a"), ticking(key, "b"))
+
+
+async def lock_handed_on(key: str) -> None:
+    """A holds the lock, then B (this body), then C queue for it. A hands it over while the
+    stop arrives (A blocks the loop across STOP_AT): stopped in the hand-off, B must hand the
+    lock on to C, as asyncio's Lock does for a cancelled waiter."""
+    lock = asyncio.Lock()
+
+    async def hold() -> None:
+        async with lock:
+            note(key, "A-got")
+            await asyncio.sleep(STOP_AT / 2)
+            time.sleep(STOP_AT)  # noqa: ASYNC251 (blocks the loop across the stop)
+        note(key, "A-released")
+
+    async def third() -> None:
+        await asyncio.sleep(STOP_AT / 10)  # queues after B
+        async with lock:
+            note(key, "C-got")
+
+    others = [asyncio.ensure_future(hold()), asyncio.ensure_future(third())]
+    await asyncio.sleep(0)  # A takes the lock
+    try:
+        async with lock:
+            note(key, "B-got")
+    finally:
+        await asyncio.wait(others, timeout=3)  # cleanup after a stop: C got the lock
+        note(key, "B-end")
+
+
+async def recovers(key: str) -> str:
+    try:
+        note(key, "waiting")
+        await asyncio.sleep(30)
+    except (SoftTimeLimitExceeded, asyncio.CancelledError):  # the same line catches both
+        await asyncio.sleep(0.1)
+        note(key, "recovered")
+        return "recovered"
+    return "slept"
+
+
+async def cleanup_in_expired_timeout(key: str) -> str:
+    """The stop lands in cleanup that runs inside an expired asyncio.timeout: the timeout
+    must count two cancels and let the stop through, not turn it into its TimeoutError."""
+    try:
+        async with asyncio.timeout(STOP_AT / 5):  # type: ignore[attr-defined, unused-ignore]
+            try:
+                await asyncio.sleep(30)
+            finally:
+                note(key, "cleanup")
+                await asyncio.sleep(30)
+    except TimeoutError:
+        note(key, "timed-out")
+        await asyncio.sleep(0.1)
+        note(key, "went-on")
+    return "went on"
+
+
+STOPPABLE = {body.__name__: body for body in (in_taskgroup, in_anyio_group, in_wait_for,
+                                              in_gather, lock_handed_on, recovers)}
+SOFT_STOPPED = {name: bridged_task(app=app, soft_time_limit=STOP_AT, name=f"soft_{name}")(body)
+                for name, body in STOPPABLE.items()}
+HARD_STOPPED = {name: bridged_task(app=app, hard_timeout=STOP_AT, name=f"hard_{name}")(body)
+                for name, body in {**STOPPABLE, "cleanup_in_expired_timeout":
+                                   cleanup_in_expired_timeout}.items()}
+
+
+def _steps(key: str) -> list[str]:
+    """The body's steps in order, but the ticks (their number is timing)."""
+    return [event for event, _, _ in journal(key) if not event.endswith("-tick")]
+
+
+def _reference(name: str, key: str, from_thread: bool) -> Any:
+    """The body under asyncio.run, cancelled at STOP_AT: from another thread, as Celery's
+    signal comes, or by a timer on the loop, as hard_timeout's."""
+    body = {**STOPPABLE, "cleanup_in_expired_timeout": cleanup_in_expired_timeout}[name]
+
+    async def cancelled_at() -> Any:
+        task = asyncio.ensure_future(body(key))
+        loop = asyncio.get_running_loop()
+        if not from_thread:
+            loop.call_later(STOP_AT, task.cancel)
+            return await task
+        timer = threading.Timer(STOP_AT, loop.call_soon_threadsafe, (task.cancel,))
+        timer.start()
+        try:
+            return await task
+        finally:
+            timer.cancel()
+
+    try:
+        return asyncio.run(cancelled_at())
+    except asyncio.CancelledError:
+        return "stopped"
+
+
+def _needs(name: str) -> None:
+    if name in ("in_taskgroup", "cleanup_in_expired_timeout") and sys.version_info < (3, 11):
+        pytest.skip("asyncio.TaskGroup and asyncio.timeout are Python 3.11+")
+    if name == "in_anyio_group" and importlib.util.find_spec("anyio") is None:
+        pytest.skip("needs anyio (pip install anyio, or the test extra: httpx brings it)")
+
+
+def _compare(name: str, worker: Worker, tasks: dict[str, Any], stop: type) -> None:
+    _needs(name)
+    reference_key, bridged_key = (f"{side}-{name}-{uuid.uuid4().hex}" for side in "rb")
+    expected = _reference(name, reference_key, from_thread=stop is SoftTimeLimitExceeded)
+    result = worker.send(tasks[name], bridged_key)
+    try:
+        outcome = get(result)
+    except stop:
+        outcome = "stopped"
+    seen = len(journal(bridged_key))
+    time.sleep(0.3)  # six ticks' time: a child left running would step meanwhile
+    assert journal(bridged_key)[seen:] == [], "the body went on after its outcome was stored"
+    assert (outcome, _steps(bridged_key)) == (expected, _steps(reference_key))
+
+
+@pytest.mark.parametrize("name", sorted(STOPPABLE))
+def test_celery_soft_limit_stops_a_body_as_a_cancel_stops_it_under_asyncio_run(
+        name: str, prefork: Worker) -> None:
+    _compare(name, prefork, SOFT_STOPPED, SoftTimeLimitExceeded)
+
+
+@pytest.mark.parametrize("name", sorted(HARD_STOPPED))
+def test_hard_timeout_stops_a_body_as_a_cancel_stops_it_under_asyncio_run(
+        name: str, threads: Worker) -> None:
+    if name == "recovers":  # a body that swallows the cancel fails all the same: a hard stop
+        pytest.skip("hard_timeout fails the task even if the body recovers: tested elsewhere")
+    _compare(name, threads, HARD_STOPPED, HardTimeout)
+
+
+# ---------------------------------------------------------------------------------------
 # per_loop with real clients: each loop's connections close when that loop ends.
 # ---------------------------------------------------------------------------------------
 CLIENTS_NAME = f"relier-{RUN_ID}-clients"  # how the servers tell these clients' connections
