@@ -2725,6 +2725,69 @@ async def lock_handed_on(key: str) -> None:
         note(key, "B-end")
 
 
+async def semaphore_handed_on(key: str) -> None:
+    """lock_handed_on with a Semaphore of one."""
+    semaphore = asyncio.Semaphore(1)
+
+    async def hold() -> None:
+        async with semaphore:
+            note(key, "A-got")
+            await asyncio.sleep(STOP_AT / 2)
+            time.sleep(STOP_AT)  # noqa: ASYNC251 (blocks the loop across the stop)
+        note(key, "A-released")
+
+    async def third() -> None:
+        await asyncio.sleep(STOP_AT / 10)
+        async with semaphore:
+            note(key, "C-got")
+
+    others = [asyncio.ensure_future(hold()), asyncio.ensure_future(third())]
+    await asyncio.sleep(0)
+    try:
+        async with semaphore:
+            note(key, "B-got")
+    finally:
+        await asyncio.wait(others, timeout=3)
+        note(key, "B-end")
+
+
+async def condition_notified(key: str) -> None:
+    """B (this body) waits on a Condition; it is notified while the stop arrives."""
+    condition = asyncio.Condition()
+
+    async def notify() -> None:
+        await asyncio.sleep(STOP_AT / 2)
+        async with condition:
+            condition.notify(1)
+            time.sleep(STOP_AT)  # noqa: ASYNC251 (blocks the loop across the stop)
+        note(key, "notified")
+
+    notifier = asyncio.ensure_future(notify())
+    try:
+        async with condition:
+            await condition.wait()
+            note(key, "B-woken")
+    finally:
+        note(key, f"B-locked-{condition.locked()}")
+        await asyncio.wait([notifier], timeout=3)
+
+
+async def in_shield(key: str) -> None:
+    """The shielded work goes on past the stop; the body waits for it, then stops."""
+    async def commit() -> None:
+        await asyncio.sleep(STOP_AT * 2)
+        note(key, "committed")
+
+    work = asyncio.ensure_future(commit())
+    try:
+        note(key, "waiting")
+        await asyncio.shield(work)
+    except (SoftTimeLimitExceeded, asyncio.CancelledError):
+        note(key, f"stopped-committed-{work.done()}")
+        await work
+        raise
+
+
 async def recovers(key: str) -> str:
     try:
         note(key, "waiting")
@@ -2753,8 +2816,9 @@ async def cleanup_in_expired_timeout(key: str) -> str:
     return "went on"
 
 
-STOPPABLE = {body.__name__: body for body in (in_taskgroup, in_anyio_group, in_wait_for,
-                                              in_gather, lock_handed_on, recovers)}
+STOPPABLE = {body.__name__: body for body in (
+    in_taskgroup, in_anyio_group, in_wait_for, in_gather, in_shield, lock_handed_on,
+    semaphore_handed_on, condition_notified, recovers)}
 SOFT_STOPPED = {name: bridged_task(app=app, soft_time_limit=STOP_AT, name=f"soft_{name}")(body)
                 for name, body in STOPPABLE.items()}
 HARD_STOPPED = {name: bridged_task(app=app, hard_timeout=STOP_AT, name=f"hard_{name}")(body)
