@@ -113,10 +113,12 @@ class _Limits:
     on_soft: Optional[Callable[[SoftContext], Any]]
 
     def __post_init__(self) -> None:
+        most = threading.TIMEOUT_MAX - CANCEL_GRACE  # the waiter's lock timeout bounds it
         for label, value in (("soft_timeout", self.soft), ("hard_timeout", self.hard)):
-            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            if value is not None and bad:
-                raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and 0 < value <= most):  # nan: all False
+                raise ValueError(f"{label} must be a positive, finite number of seconds (at "
+                                 f"most {most:.0f}), got {value!r}")
         if self.soft is not None and self.hard is not None and self.soft >= self.hard:
             raise ValueError(f"soft_timeout ({self.soft}) must be less than hard_timeout "
                              f"({self.hard})")

@@ -737,6 +737,11 @@ def test_timeouts_on_sync_tasks_are_refused(options: dict[str, Any], error: type
     ({"hard_timeout": 0}, "positive"),
     ({"soft_timeout": -1}, "positive"),
     ({"hard_timeout": "5"}, "positive"),
+    # Not finite, or past what a lock can wait: every call would fail (nan, an overflow).
+    ({"hard_timeout": float("nan")}, "finite"),
+    ({"hard_timeout": float("inf")}, "finite"),
+    ({"hard_timeout": 1e308}, "finite"),
+    ({"soft_timeout": float("nan")}, "finite"),  # it would fire on_soft at once
     ({"on_soft": record_soft}, "set soft_timeout"),
 ])
 def test_bad_timeouts_are_refused(options: dict[str, Any], text: str) -> None:
