@@ -600,9 +600,8 @@ class _ResultWatch:
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
 # The bridge's own threads on each loop, for its blocking calls (apush's send, look-ups):
 # they never wait behind the application's use of the default executor.
-_threads = per_loop(lambda: ThreadPoolExecutor(
-    thread_name_prefix="relier-io", initializer=push_current_task, initargs=(_TASK_OF_CONTEXT,)),
-    close=lambda pool: pool.shutdown(wait=False))
+_threads = per_loop(lambda: ThreadPoolExecutor(thread_name_prefix="relier-io"),
+                   close=lambda pool: pool.shutdown(wait=False))
 
 
 class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, unused-ignore]
@@ -680,9 +679,15 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
 
     async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult[R]:
         """Send the task from async code; the broker send runs in the bridge's own threads."""
+        def send() -> Any:  # there, as this context's task; the thread's stack left as found
+            push_current_task(_TASK_OF_CONTEXT)
+            try:
+                return self.apply_async(args, kwargs)
+            finally:
+                pop_current_task()
         pool = await _threads()
-        send = pool.submit(contextvars.copy_context().run, self.apply_async, args, kwargs)
-        return cast(BridgedResult[R], await asyncio.wrap_future(send))
+        sent = pool.submit(contextvars.copy_context().run, send)
+        return cast(BridgedResult[R], await asyncio.wrap_future(sent))
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult[R]:
         return BridgedResult(task_id, backend=self.backend, task_name=self.name,

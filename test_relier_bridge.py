@@ -601,6 +601,24 @@ def test_apush_sends_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ticks >= 5, "the loop kept turning during the send"
 
 
+def _task_stack_entries() -> int:
+    """Entries on Celery's task stacks, one per thread that ever pushed and did not pop (a
+    thread's stack outlives it: it is kept by thread id)."""
+    storage = celery._state._task_stack._local.__storage__
+    return sum(len(values.get("stack", ())) for values in list(storage.values()))
+
+
+def test_apush_leaves_celerys_task_stack_as_found() -> None:
+    async def main() -> None:  # a fresh loop, and so fresh relier-io threads, each time
+        await unconsumed.apush(1)
+
+    asyncio.run(main())
+    before = _task_stack_entries()
+    for _ in range(100):
+        asyncio.run(main())
+    assert _task_stack_entries() == before
+
+
 def test_push_and_apush_reach_a_worker(prefork: Worker) -> None:
     assert get(add.push(2, 3)) == 5
 
