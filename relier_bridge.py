@@ -516,8 +516,8 @@ class per_loop(Generic[T]):
         values = _loop_values.get(loop)
         if values is None:
             values = _LoopValues(loop)
-        if self not in values:
-            values[self] = loop.create_task(self._make(values))
+        if self not in values:  # made in a context of no task's, as what it starts outlives them
+            values[self] = contextvars.Context().run(loop.create_task, self._make(values))
         return asyncio.shield(values[self])  # a cancelled waiter leaves the creation running
 
     async def _make(self, values: _LoopValues) -> T:

@@ -1989,6 +1989,89 @@ def test_per_loop_closes_newest_first_and_logs_bad_closes(
     assert "closing 'raises' raised" in caplog.text
 
 
+class Heartbeat:
+    """A client that works in the background (a heartbeat, a reader), as many do: its job,
+    started by the factory, sends a task once released (``go``) and reports the headers."""
+
+    def __init__(self) -> None:
+        self.made_in = {"current_task": bool(celery.current_task),
+                        "request": makes_a_heartbeat.request.id}
+        self.go, self.sent = threading.Event(), concurrent.futures.Future[dict[str, Any]]()
+        self.job = asyncio.ensure_future(self.beat())
+
+    async def beat(self) -> None:
+        await asyncio.to_thread(self.go.wait, 30)
+        try:
+            self.sent.set_result(_headers_of_a_send())
+        except Exception as exc:
+            self.sent.set_exception(exc)
+
+    def close(self) -> None:
+        self.job.cancel()
+
+
+def _headers_of_a_send() -> dict[str, Any]:
+    """Send a task from this thread and context: its parent, and whether it is a root."""
+    seen: dict[str, Any] = {}
+
+    def note(headers: Optional[dict[str, Any]] = None, **_: Any) -> None:
+        if threading.current_thread() is me and headers:
+            seen.update(parent_id=headers.get("parent_id"),
+                        root=headers.get("root_id") == headers.get("id"))
+
+    me = threading.current_thread()
+    after_task_publish.connect(note, weak=False)
+    try:
+        unconsumed.apply_async((0,))
+    finally:
+        after_task_publish.disconnect(note)
+    return seen
+
+
+heartbeat = per_loop(Heartbeat)
+
+
+@bridged_task(app=app)
+async def makes_a_heartbeat() -> Heartbeat:
+    return await heartbeat()
+
+
+@app.task
+def starts_a_thread() -> tuple[threading.Event, concurrent.futures.Future[dict[str, Any]]]:
+    go, sent = threading.Event(), concurrent.futures.Future[dict[str, Any]]()
+
+    def job() -> None:
+        go.wait(30)
+        sent.set_result(_headers_of_a_send())
+
+    threading.Thread(target=job, daemon=True).start()
+    return go, sent
+
+
+def test_per_loop_factory_and_its_jobs_belong_to_no_task() -> None:
+    """A plain task's background thread sends with no parent once the task is over; a job
+    that a per_loop factory starts on the bridge loop does the same (issue 23, item 4)."""
+    def run_as_worker(task: Any) -> Any:
+        task.push_request(called_directly=False, id=f"owner-{task.name}", task=task.name,
+                          delivery_info={})
+        try:
+            return task.run()
+        finally:
+            task.pop_request()
+
+    go, plain_sent = run_as_worker(starts_a_thread)
+    go.set()
+    try:
+        beat = run_as_worker(makes_a_heartbeat)
+        beat.go.set()
+        no_task = {"parent_id": None, "root": True}
+        assert plain_sent.result(30) == no_task, "the reference: a plain task's thread"
+        assert beat.sent.result(30) == no_task
+        assert beat.made_in == {"current_task": False, "request": None}
+    finally:
+        relier_bridge.close_bridge_loop()  # and the heartbeat with it
+
+
 def test_per_loop_refuses_bad_use() -> None:
     with pytest.raises(RuntimeError, match="belongs to an event loop"):
         loop_value()
