@@ -113,12 +113,11 @@ class _Limits:
     on_soft: Optional[Callable[[SoftContext], Any]]
 
     def __post_init__(self) -> None:
-        most = threading.TIMEOUT_MAX - CANCEL_GRACE  # the waiter's lock timeout bounds it
         for label, value in (("soft_timeout", self.soft), ("hard_timeout", self.hard)):
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if value is not None and not (number and 0 < value <= most):  # nan: all False
-                raise ValueError(f"{label} must be a positive, finite number of seconds (at "
-                                 f"most {most:.0f}), got {value!r}")
+            bad = isinstance(value, bool) or not isinstance(value, (int, float))  # nan: below
+            if value is not None and (bad or not 0 < value <= threading.TIMEOUT_MAX - CANCEL_GRACE):
+                raise ValueError(f"{label} must be a positive, finite number of seconds that a "
+                                 f"lock can wait, got {value!r}")
         if self.soft is not None and self.hard is not None and self.soft >= self.hard:
             raise ValueError(f"soft_timeout ({self.soft}) must be less than hard_timeout "
                              f"({self.hard})")
@@ -513,9 +512,7 @@ class per_loop(Generic[T]):
         if loop is None:
             raise RuntimeError("a per_loop value belongs to an event loop: `await res()` from "
                                "a coroutine running on one")
-        values = _loop_values.get(loop)
-        if values is None:
-            values = _LoopValues(loop)
+        values = _loop_values[loop] if loop in _loop_values else _LoopValues(loop)
         if self not in values:  # made in a context of no task's, as what it starts outlives them
             values[self] = contextvars.Context().run(loop.create_task, self._make(values))
         return asyncio.shield(values[self])  # a cancelled waiter leaves the creation running
@@ -598,8 +595,7 @@ class _ResultWatch:
 
 
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
-# The bridge's own threads on each loop, for its blocking calls (apush's send, look-ups):
-# they never wait behind the application's use of the default executor.
+# Per loop, the bridge's own threads for its blocking calls: never behind the default executor.
 _threads = per_loop(lambda: ThreadPoolExecutor(thread_name_prefix="relier-io"),
                    close=lambda pool: pool.shutdown(wait=False))
 
@@ -685,8 +681,7 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
                 return self.apply_async(args, kwargs)
             finally:
                 pop_current_task()
-        pool = await _threads()
-        sent = pool.submit(contextvars.copy_context().run, send)
+        sent = (await _threads()).submit(contextvars.copy_context().run, send)
         return cast(BridgedResult[R], await asyncio.wrap_future(sent))
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult[R]:
