@@ -685,13 +685,14 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
         return cast(BridgedResult[R], await asyncio.wrap_future(sent))
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult[R]:
-        return BridgedResult(task_id, backend=self.backend, task_name=self.name,
-                             app=self.app, **kwargs)
+        result = super(type(self), self).AsyncResult(task_id, **kwargs)  # the base's, as apply's
+        if type(result) is not self.app.AsyncResult:  # a class of the base's own: kept
+            return cast(BridgedResult[R], result)
+        return BridgedResult(task_id, self.backend, self.name, self.app, **kwargs)
 
-    def apply(self, *args: Any, **kwargs: Any) -> _EagerResult:
-        # Not super(): this function is copied into classes that need not derive from this one.
-        result = celery.Task.apply(self, *args, **kwargs)
-        return _EagerResult(*result.__reduce_args__())
+    def apply(self, *args: Any, **kwargs: Any) -> EagerResult[R]:
+        result = super(type(self), self).apply(*args, **kwargs)
+        return _EagerResult(*result.__reduce_args__()) if type(result) is EagerResult else result
 
     @property
     def request(self) -> Any:

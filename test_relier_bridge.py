@@ -48,7 +48,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import celery
 import pytest
@@ -2257,6 +2257,56 @@ def test_aget_inside_a_task_refuses_as_get_does(solo: Worker) -> None:
     assert refused.startswith("RuntimeError after 0.0") and "Never call result.get()" in refused
     assert opted_out.startswith("TimeoutError after 0.5")
     assert f"task {never_id}: no result within 0.5 s" in opted_out
+
+
+class OwnResult(AsyncResult):  # type: ignore[misc]
+    """A base's own result class."""
+
+
+class OwnEagerResult(celery.result.EagerResult):  # type: ignore[misc]
+    """A base's own eager result class."""
+
+
+class OwnBase(AuditTask):
+    """A ``base=`` with its own apply and AsyncResult, as teams write for tracing."""
+
+    applied: ClassVar[list[str]] = []
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        OwnBase.applied.append(self.name)
+        return OwnEagerResult(*super().apply(*args, **kwargs).__reduce_args__())
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
+        return OwnResult(task_id, backend=self.backend, task_name=self.name, app=self.app,
+                         **kwargs)
+
+
+@app.task(base=OwnBase)
+def plain_on_own_base(x: int) -> int:
+    return x
+
+
+@bridged_task(app=app, base=OwnBase)
+async def bridged_on_own_base(x: int) -> int:
+    await asyncio.sleep(0)
+    return x
+
+
+@bridged_task(app=app, base=OwnBase)
+def sync_bridged_on_own_base(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize("task", [plain_on_own_base, bridged_on_own_base,
+                                  sync_bridged_on_own_base], ids=lambda task: task.__name__)
+def test_a_bases_own_apply_and_async_result_are_honoured(task: Any) -> None:
+    OwnBase.applied.clear()
+    result = task.apply((7,))
+    assert (type(result), result.get(), OwnBase.applied) == (OwnEagerResult, 7, [task.name])
+    assert type(task.AsyncResult("an-id")) is OwnResult
+    # Without a base of its own, a bridged task's results are awaitable ones.
+    assert isinstance(add.apply((1, 2)), BridgedResult)
+    assert type(add.AsyncResult("an-id")) is BridgedResult
 
 
 def test_apush_and_aget_do_not_queue_behind_the_default_executor(prefork: Worker) -> None:
