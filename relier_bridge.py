@@ -446,11 +446,10 @@ def _note_hub(**_: Any) -> None:
     _hub_owner = None if hub is None else (threading.get_ident(), hub)
 
 
-def _refuse_running_loop(call: str, name: str) -> None:
+def _refuse_running_loop(call: str, name: str, instead: str = "task.apush(...)") -> None:
     if asyncio._get_running_loop() is not None:
         raise RuntimeError(f"{call.format(name)} would block the event loop running in this "
-                           "thread (and deadlock if the task needs that loop); from async code "
-                           "use `await task.apush(...)`")
+                           f"thread, a deadlock if the task needs it: use `await {instead}`")
 
 
 def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
@@ -632,6 +631,16 @@ class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, un
                 raise meta
             celery_result._maybe_set_cache(dict(meta))  # a copy, which get() then reads
         return cast(R, self.get(propagate=propagate, disable_sync_subtasks=False))
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:  # refused where it would block a loop
+        if not (cast(Any, self)._cache or self.ignored):
+            _refuse_running_loop("waiting for {} with get()", f"task {self.id}", "result.aget()")
+        return super().get(*args, **kwargs)
+    wait = get  # as Celery aliases it
+
+    @property
+    def supports_native_join(self) -> bool:  # else ResultSet.get() waits by each one's get()
+        return asyncio._get_running_loop() is None and bool(self.backend.supports_native_join)
 
 
 class _EagerResult(EagerResult, BridgedResult[Any]):  # type: ignore[misc, type-arg, unused-ignore]

@@ -2259,6 +2259,67 @@ def test_aget_inside_a_task_refuses_as_get_does(solo: Worker) -> None:
     assert f"task {never_id}: no result within 0.5 s" in opted_out
 
 
+def _join_blocking(how: str, queue: str) -> Any:
+    """What legacy code writes inside a task: send a child to this worker and wait for it."""
+    if how == "group":
+        sent = celery.group(add.s(1, 2), add.s(3, 4)).apply_async(queue=queue)
+        return sent.get(timeout=10, interval=0.05, disable_sync_subtasks=False)
+    child = add.apply_async((1, 2), queue=queue)
+    return getattr(child, how)(timeout=10, interval=0.05, disable_sync_subtasks=False)
+
+
+@app.task(bind=True)
+def plain_joins_a_child(self: celery.Task, how: str) -> Any:
+    return _join_blocking(how, self.request.delivery_info["routing_key"])
+
+
+@bridged_task(app=app, bind=True)
+async def bridged_joins_a_child(self: celery.Task, how: str) -> Any:
+    started = time.monotonic()
+    try:
+        return _join_blocking(how, self.request.delivery_info["routing_key"])
+    except RuntimeError as exc:
+        return f"refused after {time.monotonic() - started:.2f} s: {exc}"
+
+
+@pytest.mark.timeout(180)
+def test_a_blocking_join_inside_a_coroutine_is_refused_not_a_deadlock() -> None:
+    """get(), wait() or a group's get() with disable_sync_subtasks=False, inside a bridged
+    body: it would block the bridge loop that the child needs (threads pool: every later
+    bridged task, then the pool, then warm shutdown hung). A plain task's join works."""
+    with running_worker("blocking-join", "threads", 4) as worker:
+        for how in ("get", "wait", "group"):
+            expected = [3, 7] if how == "group" else 3
+            assert get(worker.send(plain_joins_a_child, how), 30) == expected, "the reference"
+            refused = get(worker.send(bridged_joins_a_child, how), 30)
+            print(f"{how}: {refused}")
+            assert re.match(r"refused after 0\.\d\d s: .*would block the event loop.*"
+                            r"await result\.aget\(\)", refused), refused
+        assert get(worker.send(add, 2, 2), 30) == 4, "the worker serves on"
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0, "warm shutdown completed"
+
+
+def test_blocking_results_refuse_only_where_they_would_wait_on_a_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a loop get() is Celery's; inside one, a result already known (eager, cached,
+    ignored) is still read at once."""
+    pending = add.AsyncResult(uuid.uuid4().hex)
+    with pytest.raises(ResultTimeout):
+        pending.get(timeout=0.1, interval=0.05)
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+
+    async def main() -> Any:
+        with pytest.raises(RuntimeError, match=r"await result\.aget"):
+            pending.wait(timeout=0.1)
+        ignored = add.AsyncResult(uuid.uuid4().hex)
+        ignored.ignored = True
+        assert ignored.get() is None
+        return add.apply((1, 2)).get(), (await add.apush(3, 4)).get()
+
+    assert asyncio.run(main()) == (3, 7)
+
+
 class OwnResult(AsyncResult):  # type: ignore[misc]
     """A base's own result class."""
 
