@@ -1255,6 +1255,9 @@ def private_redis(tmp_path: Path) -> Iterator[Any]:
     if REDIS_SERVER is None:
         pytest.skip("needs redis-server on PATH (Debian: apt-get install redis-server): the "
                     "drill starts, kills and restarts a private one on a free port")
+    if importlib.util.find_spec("redis") is None:  # the workers import it, not this process
+        pytest.skip("needs redis (pip install redis, or the drills extra): kombu's Redis "
+                    "transport, for the private redis-server the drill starts")
     servers: list[PrivateRedis] = []
 
     def start(name: str, persist: bool = False) -> PrivateRedis:
