@@ -608,9 +608,11 @@ def _task_stack_entries() -> int:
     return sum(len(values.get("stack", ())) for values in list(storage.values()))
 
 
-def test_apush_leaves_celerys_task_stack_as_found() -> None:
+def test_apush_leaves_celerys_task_stack_as_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(add, "apply_async", lambda *_: "sent")  # (an eager one pops it all)
+
     async def main() -> None:  # a fresh loop, and so fresh relier-io threads, each time
-        await unconsumed.apush(1)
+        assert await add.apush(1, 2) == "sent"
 
     asyncio.run(main())
     before = _task_stack_entries()
@@ -2022,10 +2024,11 @@ def _headers_of_a_send() -> dict[str, Any]:
             seen.update(parent_id=headers.get("parent_id"),
                         root=headers.get("root_id") == headers.get("id"))
 
-    me = threading.current_thread()
+    me, queue = threading.current_thread(), f"relier-{RUN_ID}-lineage"
+    QUEUES.add(queue)
     after_task_publish.connect(note, weak=False)
     try:
-        unconsumed.apply_async((0,))
+        unconsumed.apply_async((0,), queue=queue)
     finally:
         after_task_publish.disconnect(note)
     return seen
