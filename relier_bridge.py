@@ -114,9 +114,10 @@ class _Limits:
 
     def __post_init__(self) -> None:
         for label, value in (("soft_timeout", self.soft), ("hard_timeout", self.hard)):
-            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            if value is not None and bad:
-                raise ValueError(f"{label} must be a positive number of seconds, got {value!r}")
+            bad = isinstance(value, bool) or not isinstance(value, (int, float))  # nan: below
+            if value is not None and (bad or not 0 < value <= threading.TIMEOUT_MAX - CANCEL_GRACE):
+                raise ValueError(f"{label} must be a positive, finite number of seconds that a "
+                                 f"lock can wait, got {value!r}")
         if self.soft is not None and self.hard is not None and self.soft >= self.hard:
             raise ValueError(f"soft_timeout ({self.soft}) must be less than hard_timeout "
                              f"({self.hard})")
@@ -472,11 +473,10 @@ def _note_hub(**_: Any) -> None:
     _hub_owner = None if hub is None else (threading.get_ident(), hub)
 
 
-def _refuse_running_loop(call: str, name: str) -> None:
+def _refuse_running_loop(call: str, name: str, instead: str = "task.apush(...)") -> None:
     if asyncio._get_running_loop() is not None:
         raise RuntimeError(f"{call.format(name)} would block the event loop running in this "
-                           "thread (and deadlock if the task needs that loop); from async code "
-                           "use `await task.apush(...)`")
+                           f"thread, a deadlock if the task needs it: use `await {instead}`")
 
 
 def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any, Any]],
@@ -538,11 +538,9 @@ class per_loop(Generic[T]):
         if loop is None:
             raise RuntimeError("a per_loop value belongs to an event loop: `await res()` from "
                                "a coroutine running on one")
-        values = _loop_values.get(loop)
-        if values is None:
-            values = _LoopValues(loop)
-        if self not in values:
-            values[self] = loop.create_task(self._make(values))
+        values = _loop_values[loop] if loop in _loop_values else _LoopValues(loop)
+        if self not in values:  # made in a context of no task's, as what it starts outlives them
+            values[self] = contextvars.Context().run(loop.create_task, self._make(values))
         return asyncio.shield(values[self])  # a cancelled waiter leaves the creation running
 
     async def _make(self, values: _LoopValues) -> T:
@@ -623,11 +621,9 @@ class _ResultWatch:
 
 
 _result_watches: per_loop[dict[Any, _ResultWatch]] = per_loop(dict)
-# The bridge's own threads on each loop, for its blocking calls (apush's send, look-ups):
-# they never wait behind the application's use of the default executor.
-_threads = per_loop(lambda: ThreadPoolExecutor(
-    thread_name_prefix="relier-io", initializer=push_current_task, initargs=(_TASK_OF_CONTEXT,)),
-    close=lambda pool: pool.shutdown(wait=False))
+# Per loop, the bridge's own threads for its blocking calls: never behind the default executor.
+_threads = per_loop(lambda: ThreadPoolExecutor(thread_name_prefix="relier-io"),
+                   close=lambda pool: pool.shutdown(wait=False))
 
 
 class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, unused-ignore]
@@ -662,6 +658,16 @@ class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, un
                 raise meta
             celery_result._maybe_set_cache(dict(meta))  # a copy, which get() then reads
         return cast(R, self.get(propagate=propagate, disable_sync_subtasks=False))
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:  # refused where it would block a loop
+        if not (cast(Any, self)._cache or self.ignored):
+            _refuse_running_loop("waiting for {} with get()", f"task {self.id}", "result.aget()")
+        return super().get(*args, **kwargs)
+    wait = get  # as Celery aliases it
+
+    @property
+    def supports_native_join(self) -> bool:  # else ResultSet.get() waits by each one's get()
+        return asyncio._get_running_loop() is None and bool(self.backend.supports_native_join)
 
 
 class _EagerResult(EagerResult, BridgedResult[Any]):  # type: ignore[misc, type-arg, unused-ignore]
@@ -705,18 +711,24 @@ class BridgedTask(celery.Task, Generic[P, R]):  # type: ignore[misc, type-arg, u
 
     async def apush(self, *args: P.args, **kwargs: P.kwargs) -> BridgedResult[R]:
         """Send the task from async code; the broker send runs in the bridge's own threads."""
-        pool = await _threads()
-        send = pool.submit(contextvars.copy_context().run, self.apply_async, args, kwargs)
-        return cast(BridgedResult[R], await asyncio.wrap_future(send))
+        def send() -> Any:  # there, as this context's task; the thread's stack left as found
+            push_current_task(_TASK_OF_CONTEXT)
+            try:
+                return self.apply_async(args, kwargs)
+            finally:
+                pop_current_task()
+        sent = (await _threads()).submit(contextvars.copy_context().run, send)
+        return cast(BridgedResult[R], await asyncio.wrap_future(sent))
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> BridgedResult[R]:
-        return BridgedResult(task_id, backend=self.backend, task_name=self.name,
-                             app=self.app, **kwargs)
+        result = super(type(self), self).AsyncResult(task_id, **kwargs)  # the base's, as apply's
+        if type(result) is not self.app.AsyncResult:  # a class of the base's own: kept
+            return cast(BridgedResult[R], result)
+        return BridgedResult(task_id, self.backend, self.name, self.app, **kwargs)
 
-    def apply(self, *args: Any, **kwargs: Any) -> _EagerResult:
-        # Not super(): this function is copied into classes that need not derive from this one.
-        result = celery.Task.apply(self, *args, **kwargs)
-        return _EagerResult(*result.__reduce_args__())
+    def apply(self, *args: Any, **kwargs: Any) -> EagerResult[R]:
+        result = super(type(self), self).apply(*args, **kwargs)
+        return _EagerResult(*result.__reduce_args__()) if type(result) is EagerResult else result
 
     @property
     def request(self) -> Any:

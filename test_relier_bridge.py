@@ -48,7 +48,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import celery
 import pytest
@@ -601,6 +601,26 @@ def test_apush_sends_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ticks >= 5, "the loop kept turning during the send"
 
 
+def _task_stack_entries() -> int:
+    """Entries on Celery's task stacks, one per thread that ever pushed and did not pop (a
+    thread's stack outlives it: it is kept by thread id)."""
+    storage = celery._state._task_stack._local.__storage__
+    return sum(len(values.get("stack", ())) for values in list(storage.values()))
+
+
+def test_apush_leaves_celerys_task_stack_as_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(add, "apply_async", lambda *_: "sent")  # (an eager one pops it all)
+
+    async def main() -> None:  # a fresh loop, and so fresh relier-io threads, each time
+        assert await add.apush(1, 2) == "sent"
+
+    asyncio.run(main())
+    before = _task_stack_entries()
+    for _ in range(100):
+        asyncio.run(main())
+    assert _task_stack_entries() == before
+
+
 def test_push_and_apush_reach_a_worker(prefork: Worker) -> None:
     assert get(add.push(2, 3)) == 5
 
@@ -737,6 +757,11 @@ def test_timeouts_on_sync_tasks_are_refused(options: dict[str, Any], error: type
     ({"hard_timeout": 0}, "positive"),
     ({"soft_timeout": -1}, "positive"),
     ({"hard_timeout": "5"}, "positive"),
+    # Not finite, or past what a lock can wait: every call would fail (nan, an overflow).
+    ({"hard_timeout": float("nan")}, "finite"),
+    ({"hard_timeout": float("inf")}, "finite"),
+    ({"hard_timeout": 1e308}, "finite"),
+    ({"soft_timeout": float("nan")}, "finite"),  # it would fire on_soft at once
     ({"on_soft": record_soft}, "set soft_timeout"),
 ])
 def test_bad_timeouts_are_refused(options: dict[str, Any], text: str) -> None:
@@ -1232,6 +1257,9 @@ def private_redis(tmp_path: Path) -> Iterator[Any]:
     if REDIS_SERVER is None:
         pytest.skip("needs redis-server on PATH (Debian: apt-get install redis-server): the "
                     "drill starts, kills and restarts a private one on a free port")
+    if importlib.util.find_spec("redis") is None:  # the workers import it, not this process
+        pytest.skip("needs redis (pip install redis, or the drills extra): kombu's Redis "
+                    "transport, for the private redis-server the drill starts")
     servers: list[PrivateRedis] = []
 
     def start(name: str, persist: bool = False) -> PrivateRedis:
@@ -1966,6 +1994,90 @@ def test_per_loop_closes_newest_first_and_logs_bad_closes(
     assert "closing 'raises' raised" in caplog.text
 
 
+class Heartbeat:
+    """A client that works in the background (a heartbeat, a reader), as many do: its job,
+    started by the factory, sends a task once released (``go``) and reports the headers."""
+
+    def __init__(self) -> None:
+        self.made_in = {"current_task": bool(celery.current_task),
+                        "request": makes_a_heartbeat.request.id}
+        self.go, self.sent = threading.Event(), concurrent.futures.Future[dict[str, Any]]()
+        self.job = asyncio.ensure_future(self.beat())
+
+    async def beat(self) -> None:
+        await asyncio.to_thread(self.go.wait, 30)
+        try:
+            self.sent.set_result(_headers_of_a_send())
+        except Exception as exc:
+            self.sent.set_exception(exc)
+
+    def close(self) -> None:
+        self.job.cancel()
+
+
+def _headers_of_a_send() -> dict[str, Any]:
+    """Send a task from this thread and context: its parent, and whether it is a root."""
+    seen: dict[str, Any] = {}
+
+    def note(headers: Optional[dict[str, Any]] = None, **_: Any) -> None:
+        if threading.current_thread() is me and headers:
+            seen.update(parent_id=headers.get("parent_id"),
+                        root=headers.get("root_id") == headers.get("id"))
+
+    me, queue = threading.current_thread(), f"relier-{RUN_ID}-lineage"
+    QUEUES.add(queue)
+    after_task_publish.connect(note, weak=False)
+    try:
+        unconsumed.apply_async((0,), queue=queue)
+    finally:
+        after_task_publish.disconnect(note)
+    return seen
+
+
+heartbeat = per_loop(Heartbeat)
+
+
+@bridged_task(app=app)
+async def makes_a_heartbeat() -> Heartbeat:
+    return await heartbeat()
+
+
+@app.task
+def starts_a_thread() -> tuple[threading.Event, concurrent.futures.Future[dict[str, Any]]]:
+    go, sent = threading.Event(), concurrent.futures.Future[dict[str, Any]]()
+
+    def job() -> None:
+        go.wait(30)
+        sent.set_result(_headers_of_a_send())
+
+    threading.Thread(target=job, daemon=True).start()
+    return go, sent
+
+
+def test_per_loop_factory_and_its_jobs_belong_to_no_task() -> None:
+    """A plain task's background thread sends with no parent once the task is over; a job
+    that a per_loop factory starts on the bridge loop does the same (issue 23, item 4)."""
+    def run_as_worker(task: Any) -> Any:
+        task.push_request(called_directly=False, id=f"owner-{task.name}", task=task.name,
+                          delivery_info={})
+        try:
+            return task.run()
+        finally:
+            task.pop_request()
+
+    go, plain_sent = run_as_worker(starts_a_thread)
+    go.set()
+    try:
+        beat = run_as_worker(makes_a_heartbeat)
+        beat.go.set()
+        no_task = {"parent_id": None, "root": True}
+        assert plain_sent.result(30) == no_task, "the reference: a plain task's thread"
+        assert beat.sent.result(30) == no_task
+        assert beat.made_in == {"current_task": False, "request": None}
+    finally:
+        relier_bridge.close_bridge_loop()  # and the heartbeat with it
+
+
 def test_per_loop_refuses_bad_use() -> None:
     with pytest.raises(RuntimeError, match="belongs to an event loop"):
         loop_value()
@@ -2151,6 +2263,117 @@ def test_aget_inside_a_task_refuses_as_get_does(solo: Worker) -> None:
     assert refused.startswith("RuntimeError after 0.0") and "Never call result.get()" in refused
     assert opted_out.startswith("TimeoutError after 0.5")
     assert f"task {never_id}: no result within 0.5 s" in opted_out
+
+
+def _join_blocking(how: str, queue: str) -> Any:
+    """What legacy code writes inside a task: send a child to this worker and wait for it."""
+    if how == "group":
+        sent = celery.group(add.s(1, 2), add.s(3, 4)).apply_async(queue=queue)
+        return sent.get(timeout=10, interval=0.05, disable_sync_subtasks=False)
+    child = add.apply_async((1, 2), queue=queue)
+    return getattr(child, how)(timeout=10, interval=0.05, disable_sync_subtasks=False)
+
+
+@app.task(bind=True)
+def plain_joins_a_child(self: celery.Task, how: str) -> Any:
+    return _join_blocking(how, self.request.delivery_info["routing_key"])
+
+
+@bridged_task(app=app, bind=True)
+async def bridged_joins_a_child(self: celery.Task, how: str) -> Any:
+    started = time.monotonic()
+    try:
+        return _join_blocking(how, self.request.delivery_info["routing_key"])
+    except RuntimeError as exc:
+        return f"refused after {time.monotonic() - started:.2f} s: {exc}"
+
+
+@pytest.mark.timeout(180)
+def test_a_blocking_join_inside_a_coroutine_is_refused_not_a_deadlock() -> None:
+    """get(), wait() or a group's get() with disable_sync_subtasks=False, inside a bridged
+    body: it would block the bridge loop that the child needs (threads pool: every later
+    bridged task, then the pool, then warm shutdown hung). A plain task's join works."""
+    with running_worker("blocking-join", "threads", 4) as worker:
+        for how in ("get", "wait", "group"):
+            expected = [3, 7] if how == "group" else 3
+            assert get(worker.send(plain_joins_a_child, how), 30) == expected, "the reference"
+            refused = get(worker.send(bridged_joins_a_child, how), 30)
+            print(f"{how}: {refused}")
+            assert re.match(r"refused after 0\.\d\d s: .*would block the event loop.*"
+                            r"await result\.aget\(\)", refused), refused
+        assert get(worker.send(add, 2, 2), 30) == 4, "the worker serves on"
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0, "warm shutdown completed"
+
+
+def test_blocking_results_refuse_only_where_they_would_wait_on_a_loop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside a loop get() is Celery's; inside one, a result already known (eager, cached,
+    ignored) is still read at once."""
+    pending = add.AsyncResult(uuid.uuid4().hex)
+    with pytest.raises(ResultTimeout):
+        pending.get(timeout=0.1, interval=0.05)
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+
+    async def main() -> Any:
+        with pytest.raises(RuntimeError, match=r"await result\.aget"):
+            pending.wait(timeout=0.1)
+        ignored = add.AsyncResult(uuid.uuid4().hex)
+        ignored.ignored = True
+        assert ignored.get() is None
+        return add.apply((1, 2)).get(), (await add.apush(3, 4)).get()
+
+    assert asyncio.run(main()) == (3, 7)
+
+
+class OwnResult(AsyncResult):  # type: ignore[misc]
+    """A base's own result class."""
+
+
+class OwnEagerResult(celery.result.EagerResult):  # type: ignore[misc]
+    """A base's own eager result class."""
+
+
+class OwnBase(AuditTask):
+    """A ``base=`` with its own apply and AsyncResult, as teams write for tracing."""
+
+    applied: ClassVar[list[str]] = []
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        OwnBase.applied.append(self.name)
+        return OwnEagerResult(*super().apply(*args, **kwargs).__reduce_args__())
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> Any:
+        return OwnResult(task_id, backend=self.backend, task_name=self.name, app=self.app,
+                         **kwargs)
+
+
+@app.task(base=OwnBase)
+def plain_on_own_base(x: int) -> int:
+    return x
+
+
+@bridged_task(app=app, base=OwnBase)
+async def bridged_on_own_base(x: int) -> int:
+    await asyncio.sleep(0)
+    return x
+
+
+@bridged_task(app=app, base=OwnBase)
+def sync_bridged_on_own_base(x: int) -> int:
+    return x
+
+
+@pytest.mark.parametrize("task", [plain_on_own_base, bridged_on_own_base,
+                                  sync_bridged_on_own_base], ids=lambda task: task.__name__)
+def test_a_bases_own_apply_and_async_result_are_honoured(task: Any) -> None:
+    OwnBase.applied.clear()
+    result = task.apply((7,))
+    assert (type(result), result.get(), OwnBase.applied) == (OwnEagerResult, 7, [task.name])
+    assert type(task.AsyncResult("an-id")) is OwnResult
+    # Without a base of its own, a bridged task's results are awaitable ones.
+    assert isinstance(add.apply((1, 2)), BridgedResult)
+    assert type(add.AsyncResult("an-id")) is BridgedResult
 
 
 def test_apush_and_aget_do_not_queue_behind_the_default_executor(prefork: Worker) -> None:
