@@ -2997,6 +2997,22 @@ def django_baseline(key: str, query_seconds: float = 0.0) -> dict[str, Any]:
     return async_to_sync(_django_body)(key, query_seconds)
 
 
+@bridged_task(app=app, hard_timeout=1)
+async def django_bridged_timed_out(key: str) -> dict[str, Any]:
+    return await _django_body(key, 2.5)
+
+
+async def _django_body_within_a_second(key: str) -> dict[str, Any]:
+    return await asyncio.wait_for(_django_body(key, 2.5), 1)
+
+
+@app.task
+def django_baseline_timed_out(key: str) -> dict[str, Any]:
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(_django_body_within_a_second)(key)
+
+
 DJANGO_TASKS = (django_bridged, django_baseline)
 
 
@@ -3106,6 +3122,23 @@ def test_django_a_slow_query_holds_no_other_tasks_orm_calls(django_worker: Worke
         assert max(quick) < 1.0, f"{task.__name__}: quick ORM tasks held: {quick}"
         assert not slow.ready(), "the quick tasks ran beside the slow query"
         assert get(slow)["count"] == 1
+
+
+@pytest.mark.parametrize("django_worker", ["solo"], indirect=True)
+def test_django_a_timed_out_tasks_query_holds_no_later_task(django_worker: Worker) -> None:
+    """A task timed out at 1 s in a 2.5 s query (hard_timeout; asyncio.wait_for under
+    async_to_sync): the process's next task finds the ORM free."""
+    for timed_out, task in ((django_bridged_timed_out, django_bridged),
+                            (django_baseline_timed_out, django_baseline)):
+        key = f"timed-out-{task.__name__}-{uuid.uuid4().hex[:6]}"
+        sent = time.monotonic()
+        first, then = django_worker.send(timed_out, key), django_worker.send(task, f"{key}-next")
+        assert first.wait(timeout=30, interval=0.05, propagate=False) is not None
+        failed_after = time.monotonic() - sent
+        assert first.failed(), f"{timed_out.__name__}: {first.result!r}"
+        held = get(then)["elapsed"]
+        assert held < 1.0, (f"{task.__name__}: the next task's ORM calls held {held:.2f} s; "
+                            f"{timed_out.__name__} failed after {failed_after:.2f} s")
 
 
 def test_django_testcase_sees_and_rolls_back_a_direct_calls_work(django_rows: Any) -> None:
