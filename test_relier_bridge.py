@@ -11,7 +11,9 @@ Configuration, by environment variables alone:
   RELIER_REDIS_URL        a Redis server for the redis.asyncio drills when the broker is not
                           Redis (needs redis); default: the broker's URL if it is redis://
   RELIER_POSTGRES_URL     e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test, enables the
-                          SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg)
+                          SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg); the
+                          Django drills' database (needs django and psycopg), default: that
+                          local URL, the drills skipping if no server answers there
   RELIER_QUICK=1          skips the long drills (fork churn, 2000-task leak check, warm
                           shutdown, 2000-task stress run): about 2 min instead of 6
   RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
