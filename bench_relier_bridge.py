@@ -1,10 +1,12 @@
 """Benchmark relier_bridge against the other ways of running a coroutine from sync code.
 
 Needs Linux (it reads /proc and pins threads to a CPU), the ``bench`` extra (asgiref,
-anyio, redis) and a Redis server at ``$RELIER_BENCH_REDIS`` (default
-redis://127.0.0.1:6379/3; the run keeps its queues, results and one key in that database)::
+anyio, redis, Django, psycopg, httpx), a Redis server at ``$RELIER_BENCH_REDIS`` (default
+redis://127.0.0.1:6379/3; the run keeps its queues, results and one key in that database)
+and, for part 7, PostgreSQL at ``$RELIER_BENCH_POSTGRES`` (default
+postgresql://postgres@127.0.0.1:5432/test; the part makes and drops table relier_bench_row)::
 
-    python bench_relier_bridge.py            # full run, about 4 to 5 minutes
+    python bench_relier_bridge.py            # full run, about 6 to 7 minutes
     python bench_relier_bridge.py --quick    # smoke run with tiny N, under a minute
     python bench_relier_bridge.py --parts 1,6
 
@@ -58,7 +60,7 @@ import redis.asyncio
 from asgiref.sync import async_to_sync
 from celery import Celery, group
 
-from relier_bridge import SoftContext, bridged_task, close_bridge_loop
+from relier_bridge import SoftContext, bridged_task, close_bridge_loop, per_loop
 
 HERE = Path(__file__).resolve().parent
 MODULE = "bench_relier_bridge"  # the name the workers import this file under
@@ -203,14 +205,17 @@ class Settings:
     wait_window: float
     wait_rounds: int
     single_waits: int  # part 6, low load: waits per contender, one at a time
+    django_tasks: int  # part 7: tasks per round on threads -c 8 (a third on prefork -c 2)
 
 
 FULL = Settings(rounds=9, e2e_rounds=15, call_rounds=21, calls_per_sample=100, e2e_tasks=300,
                 io_tasks_threads=500, io_tasks_prefork=50, rss_probes=5,
-                waiters=1000, wait_window=5.0, wait_rounds=2, single_waits=40)
+                waiters=1000, wait_window=5.0, wait_rounds=2, single_waits=40,
+                django_tasks=150)
 QUICK = Settings(rounds=3, e2e_rounds=3, call_rounds=3, calls_per_sample=50, e2e_tasks=100,
                  io_tasks_threads=200, io_tasks_prefork=20, rss_probes=2,
-                 waiters=100, wait_window=1.0, wait_rounds=1, single_waits=6)
+                 waiters=100, wait_window=1.0, wait_rounds=1, single_waits=6,
+                 django_tasks=60)
 
 # contender -> one value per round; the lists are aligned, index i is round i.
 Samples = dict[str, list[float]]
@@ -492,27 +497,50 @@ def new_loop_close() -> None:
     asyncio.new_event_loop().close()
 
 
+def without_asgiref(call: Callable[[], Any]) -> Callable[[], Any]:
+    """``call`` as in a process that never loaded asgiref (this one has, for async_to_sync)."""
+
+    def hidden() -> Any:
+        module = sys.modules.pop("asgiref.sync")
+        try:
+            return call()
+        finally:
+            sys.modules["asgiref.sync"] = module
+
+    return hidden
+
+
 def outside_worker_calls(settings: Settings) -> tuple[Section, list[Target]]:
     """Part 1c: direct and eager calls, each on a disposable loop, threads free."""
-    name, *_ = bridged_probe()
-    if name != threading.current_thread().name:  # no hard_timeout: the caller drives the loop
-        raise RuntimeError(f"a direct call ran on {name!r}, not on the calling thread")
+    # No hard_timeout: the caller drives the loop; unless asgiref is loaded, when it runs the
+    # coroutine's thread-sensitive calls while a thread of the call's own drives the loop.
+    for call, expected in ((without_asgiref(bridged_probe), threading.current_thread().name),
+                           (bridged_probe, "relier-disposable-bench.bridged_probe")):
+        name, *_ = call()
+        if name != expected:
+            raise RuntimeError(f"a direct call ran on {name!r}, not on {expected!r}")
     calls = max(10, settings.calls_per_sample // 4)
     direct_base, direct = "asyncio.run(f())", "bridged task(), direct call"
+    direct_asgiref = "bridged task(), direct call, asgiref loaded"
     eager_base, eager = "eager: @app.task running asyncio.run", "eager: bridged task"
+    eager_asgiref = "eager: bridged task, asgiref loaded"
     new_loop = "  new_event_loop() + close()"
     sync_call = "  sync @app.task, direct call"
     samples = interleaved({
         direct_base: us_per_call(lambda: asyncio.run(trivial()), calls),
-        direct: us_per_call(bridged_trivial, calls),
+        direct: us_per_call(without_asgiref(bridged_trivial), calls),
+        direct_asgiref: us_per_call(bridged_trivial, calls),
         new_loop: us_per_call(new_loop_close, calls),
         sync_call: us_per_call(sync_trivial, calls),
         eager_base: us_per_call(lambda: eager_asyncio_run_trivial.delay().get(), calls),
-        eager: us_per_call(lambda: eager_bridged_trivial.delay().get(), calls),
+        eager: us_per_call(without_asgiref(lambda: eager_bridged_trivial.delay().get()), calls),
+        eager_asgiref: us_per_call(lambda: eager_bridged_trivial.delay().get(), calls),
     }, settings.call_rounds)
-    rows = rows_from({name: samples[name] for name in list(samples)[:4]}, "us/call",
-                     direct_base, {sync_call: "Celery's own share of task()"})
-    rows += rows_from({name: samples[name] for name in (eager_base, eager)}, "us/call",
+    rows = rows_from({name: samples[name] for name in list(samples)[:5]}, "us/call",
+                     direct_base, {sync_call: "Celery's own share of task()",
+                                   direct_asgiref: "a thread drives its loop (Django apps)"})
+    rows += rows_from({name: samples[name] for name in (eager_base, eager, eager_asgiref)},
+                      "us/call",
                       eager_base, {eager_base: "`.delay().get()`, task_always_eager; "
                                                "baseline of the row below"})
     section = Section(f"1c. outside a worker: direct and eager calls, a disposable loop each, "
@@ -881,6 +909,178 @@ def awaiting_results(settings: Settings) -> list[Section]:
         "await asyncio.to_thread(result.get)", rows)]
 
 
+# --- part 7: Django, the async ORM and an HTTP call per task -----------------------------
+# The realistic task: one 50 ms HTTP call (a per_loop httpx client against a local server),
+# then the async ORM's acreate and aupdate; bridged, against the usual way, a sync task
+# calling async_to_sync(body)() (a fresh loop per task, so a fresh client too). The workers
+# get Celery's Django fixup (DJANGO_SETTINGS_MODULE names this module) and PostgreSQL.
+
+DJANGO_URL = os.environ.get("RELIER_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+# A worker per contender: a worker thread that served a bridged task's ORM call keeps
+# asgiref's note of the bridge loop, where async_to_sync then runs its coroutines.
+DJANGO_WORKERS = [(pool, concurrency, f"relier_bench.django_{pool}_{how}")
+                  for pool, concurrency in (("prefork", 2), ("threads", 8))
+                  for how in ("bridged", "async_to_sync")]
+HTTP_DELAY_S = 0.05
+BenchRow: Any = None  # the model, once Django is set up in this process
+
+
+def django_setup() -> Any:
+    """Django configured in code (CONN_MAX_AGE 0, Django's default), set up; the model."""
+    global BenchRow
+    if BenchRow is None:
+        from urllib.parse import unquote, urlsplit
+
+        import django
+        from django.conf import settings
+        from django.db import models
+
+        url = urlsplit(DJANGO_URL)
+        settings.configure(
+            DATABASES={"default": {
+                "ENGINE": "django.db.backends.postgresql", "NAME": url.path.lstrip("/"),
+                "USER": unquote(url.username or ""), "PASSWORD": unquote(url.password or ""),
+                "HOST": url.hostname or "127.0.0.1", "PORT": str(url.port or 5432)}},
+            INSTALLED_APPS=[], LOGGING_CONFIG=None, USE_TZ=True, SECRET_KEY="bench",
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField")
+        django.setup()
+
+        class Row(models.Model):
+            name = models.CharField(max_length=100)
+            value = models.IntegerField(default=0)
+
+            class Meta:
+                app_label = MODULE
+                db_table = "relier_bench_row"
+
+        BenchRow = Row
+    return BenchRow
+
+
+def _make_bench_http_client() -> Any:
+    import httpx
+
+    return httpx.AsyncClient(base_url=os.environ["RELIER_BENCH_HTTP_URL"], trust_env=False)
+
+
+bench_http = per_loop(_make_bench_http_client)
+
+
+async def django_body() -> int:
+    from django.db.models import F
+
+    response = await (await bench_http()).get("/")
+    row = await BenchRow.objects.acreate(name="bench", value=len(response.content))
+    await BenchRow.objects.filter(pk=row.pk).aupdate(value=F("value") + 1)
+    return 1
+
+
+@bridged_task(app=app, name="bench.django_bridged")
+async def django_bridged() -> int:
+    return await django_body()
+
+
+@app.task(name="bench.django_async_to_sync")
+def django_async_to_sync() -> int:
+    return async_to_sync(django_body)()
+
+
+def start_slow_http_server() -> Any:
+    """A keep-alive HTTP server on 127.0.0.1 that answers each request after 50 ms."""
+    import http.server
+
+    class SlowHandler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+
+        def do_GET(self) -> None:
+            time.sleep(HTTP_DELAY_S)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def process_group_cpu_s(group_id: int) -> float:
+    """User + system CPU seconds of the processes in a process group (a worker, its pool)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+                if int(fields[2]) == group_id:
+                    total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def django_tasks(settings: Settings) -> Section:
+    row_model = django_setup()
+    from django.db import connection
+
+    with connection.schema_editor() as editor:
+        editor.execute(f"DROP TABLE IF EXISTS {row_model._meta.db_table}")
+        editor.create_model(row_model)
+    connection.close()
+    server = start_slow_http_server()
+    os.environ.update(RELIER_BENCH_HTTP_URL=f"http://127.0.0.1:{server.server_port}",
+                      DJANGO_SETTINGS_MODULE=MODULE, RELIER_BENCH_DJANGO="1")
+    cpu: dict[str, list[float]] = {}
+    try:
+        with running_workers(*DJANGO_WORKERS) as workers:
+            contenders: dict[str, Callable[[], float]] = {}
+            for worker, (pool, _, queue) in zip(workers, DJANGO_WORKERS):
+                how = "bridged" if queue.endswith("_bridged") else "async_to_sync"
+                task = django_bridged if how == "bridged" else django_async_to_sync
+                count = settings.django_tasks // (3 if pool == "prefork" else 1)
+                name = f"{pool}: {how}"
+                cpu[name] = []
+                rate = tasks_per_second(task, count, queue, 1)
+
+                def sample(rate: Callable[[], float] = rate, name: str = name,
+                           group_id: int = worker.process.pid, count: int = count) -> float:
+                    before = process_group_cpu_s(group_id)
+                    value = rate()
+                    cpu[name].append((process_group_cpu_s(group_id) - before) / count * 1000)
+                    return value
+
+                contenders[name] = sample
+            samples = interleaved(contenders, settings.rounds)
+    finally:
+        for variable in ("RELIER_BENCH_HTTP_URL", "DJANGO_SETTINGS_MODULE", "RELIER_BENCH_DJANGO"):
+            os.environ.pop(variable)
+        server.shutdown()
+        server.server_close()
+        with connection.schema_editor() as editor:
+            editor.delete_model(row_model)
+        connection.close()
+    rows: list[Row] = []
+    for pool in ("prefork", "threads"):
+        bridged, baseline = f"{pool}: bridged", f"{pool}: async_to_sync"
+        for name in (baseline, bridged):
+            rows.append(Row(name, *quartiles(samples[name]), "tasks/s",
+                            statistics.median(per_round_ratios(samples, name, baseline)),
+                            f"worker CPU {statistics.median(cpu[name][1:] or cpu[name]):.2f} "
+                            "ms/task"))
+    return Section(f"7. Django: a {HTTP_DELAY_S * 1000:.0f} ms HTTP call (per_loop httpx), "
+                   f"acreate + aupdate per task ({settings.django_tasks // 3} tasks per round "
+                   f"on prefork -c 2, {settings.django_tasks} on threads -c 8)", rows,
+                   "vs a2s")
+
+
+if os.environ.get("RELIER_BENCH_DJANGO") and os.environ.get("DJANGO_SETTINGS_MODULE") == MODULE:
+    django_setup()  # a Django worker of part 7
+
+
 # --- main --------------------------------------------------------------------------------
 
 def check_redis() -> None:
@@ -894,8 +1094,8 @@ def check_redis() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny N: a smoke run (< 1 min)")
-    parser.add_argument("--parts", default="1,2,3,4,5,6",
-                        help="comma-separated parts to run (default: all six)")
+    parser.add_argument("--parts", default="1,2,3,4,5,6,7",
+                        help="comma-separated parts to run (default: all seven)")
     parser.add_argument("--probe-bridge-cost", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe_bridge_cost:
@@ -903,9 +1103,9 @@ def main() -> None:
         return
     settings = QUICK if args.quick else FULL
     parts = {int(part) for part in args.parts.split(",") if part.strip().isdigit()}
-    if not parts or not parts <= {1, 2, 3, 4, 5, 6}:
-        parser.error(f"--parts takes numbers from 1 to 6, got {args.parts!r}")
-    if parts & {2, 3, 4, 6}:
+    if not parts or not parts <= {1, 2, 3, 4, 5, 6, 7}:
+        parser.error(f"--parts takes numbers from 1 to 7, got {args.parts!r}")
+    if parts & {2, 3, 4, 6, 7}:
         check_redis()
     started = time.monotonic()
     print(f"relier_bridge benchmark, {'quick' if args.quick else 'full'} run: Python "
@@ -936,6 +1136,8 @@ def main() -> None:
         sections.append(bridge_memory(settings))
     if 6 in parts:
         sections += awaiting_results(settings)
+    if 7 in parts:
+        sections.append(django_tasks(settings))
     for section in sections:
         print_section(section)
     if targets:

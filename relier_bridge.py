@@ -23,11 +23,12 @@ import functools
 import inspect
 import logging
 import os
+import queue
 import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Generic, Optional, Protocol, TypeVar, cast, overload
 
 import celery
@@ -143,12 +144,12 @@ def _is_soft_stop(error: BaseException) -> bool:
 
 
 # A run and its loop: start, settle, timers, give-up, retirement ---------------------------
-class _Run:
+class _Run(Executor):
     """One coroutine's trip over an event loop: started there, awaited from another thread."""
 
     __slots__ = ("coro", "context", "limits", "name", "soft", "started", "cancelled", "given_up",
                  "held_by", "owed", "landing", "task", "timer", "hook", "hub", "outcome", "error",
-                 "settled", "owner")
+                 "inbox", "owner")
     owner: _Loop  # the loop it was last handed to: where it starts, or moves on from
 
     def __init__(self, coro: Coroutine[Any, Any, Any], context: contextvars.Context,
@@ -172,8 +173,7 @@ class _Run:
         self.hub: Any = None  # kombu's hub, when the waiting thread is the one running it
         self.outcome: Any = None
         self.error: Optional[BaseException] = None
-        self.settled = threading.Lock()
-        self.settled.acquire()  # released once, on the loop, when the outcome is known
+        self.inbox: queue.SimpleQueue[Optional[Callable[[], None]]] = queue.SimpleQueue()
 
     def start(self, owner: _Loop) -> None:
         """On ``owner``'s loop: start the coroutine, unless it moved on or was given up."""
@@ -200,6 +200,8 @@ class _Run:
 
     async def _settle(self) -> None:
         # Settling inside the task's own step saves the loop turn a done callback costs.
+        if self.owner.thread is not None and "asgiref.sync" in sys.modules:  # see submit
+            sys.modules["asgiref.sync"].AsyncToSync.executors.current = self  # in this task
         try:
             self.outcome = await self
         except BaseException as exc:  # SystemExit and the like too: they fail this run only
@@ -210,7 +212,25 @@ class _Run:
             if self.hook is not None:
                 self.hook.cancel()  # the hook serves a running task only
             self.owner.finished(self)
-            self.settled.release()
+            self.inbox.put(None)  # after submit's calls, if any: the waiter returns
+
+    # asgiref's thread-sensitive sync_to_async (Django's async ORM) runs its calls on the
+    # AsyncToSync.executors.current that _settle sets, as async_to_sync sets its caller's; unset,
+    # one asgiref thread serves the whole process. Read in asgiref 3.2.10, 3.3.4, 3.4.1, 3.5.2,
+    # 3.7.2, 3.8.1, 3.13.0; before 3.8 it is per asyncio task, unseen by tasks the body creates.
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self.given_up or (self.task is not None and self.task.done()):
+            raise RuntimeError(f"task {self.name} is over: its waiting thread runs no more calls")
+        future: Future[T] = Future()
+
+        def call() -> None:  # on the waiting thread, in wait()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:  # SoftTimeLimitExceeded too, as async_to_sync
+                    future.set_exception(exc)
+        self.inbox.put(call)
+        return future
 
     def __await__(self) -> Generator[Any, Any, Any]:
         """Step the coroutine as its Task would, but throw a stop's cancel in as the stop (see
@@ -277,8 +297,11 @@ class _Run:
         raised here gives the run up, as does ``CANCEL_GRACE`` past ``hard_timeout``."""
         while True:
             try:
-                if self.settled.acquire(timeout=self._left()):
+                call = self.inbox.get(timeout=self._left())
+                if call is None:
                     break
+                call()
+            except queue.Empty:
                 if self._left() == 0:
                     self._give_up_past_limit()
                     break
@@ -300,10 +323,10 @@ class _Run:
         # a silent hang for the caller. Here they fail their own task only.
         raise RuntimeError(f"task {self.name} raised {self.error!r}") from self.error
 
-    def _left(self) -> float:
-        """Seconds the waiter may still wait: -1 is for ever; a queued run has all its time."""
+    def _left(self) -> Optional[float]:
+        """Seconds the waiter may still wait: None is for ever; a queued run has all its time."""
         if self.limits.hard is None:
-            return -1
+            return None
         start = time.monotonic() if self.started is None else self.started
         return max(start + self.limits.hard + CANCEL_GRACE - time.monotonic(), 0.0)
 
@@ -495,9 +518,10 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
         if hub is not None and hub[0] == threading.get_ident():
             run.hub = hub[1]
         return _bridge().submit(run).wait()
-    # Driven here, as asyncio.run does; or by a thread of its own, to fail on time should it
-    # block, or beside this thread's running loop (a call nested in an eager one).
-    inline = limits.hard is None and asyncio._get_running_loop() is None
+    # Driven here, as asyncio.run does; or by a thread of its own: to fail on time should it
+    # block, beside this thread's running loop, or while this thread runs asgiref's calls.
+    inline = (limits.hard is None and asyncio._get_running_loop() is None
+              and "asgiref.sync" not in sys.modules)
     owner = _Loop(None if inline else f"relier-disposable-{task.name}")
     owner.submit(run)
     owner.retire()

@@ -11,7 +11,9 @@ Configuration, by environment variables alone:
   RELIER_REDIS_URL        a Redis server for the redis.asyncio drills when the broker is not
                           Redis (needs redis); default: the broker's URL if it is redis://
   RELIER_POSTGRES_URL     e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/test, enables the
-                          SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg)
+                          SQLAlchemy async drill (needs sqlalchemy[asyncio] and asyncpg); the
+                          Django drills' database (needs django and psycopg), default: that
+                          local URL, the drills skipping if no server answers there
   RELIER_QUICK=1          skips the long drills (fork churn, 2000-task leak check, warm
                           shutdown, 2000-task stress run): about 2 min instead of 6
   RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
@@ -3361,6 +3363,298 @@ def test_per_loop_real_clients_close_their_connections_when_the_loop_ends(
     for bad in ("Unclosed", "unclosed", "Event loop is closed", "was never awaited",
                 "Task was destroyed", "Traceback"):
         assert bad not in log_text, f"{bad!r} in the worker's log:\n{log_text}"
+
+
+# ---------------------------------------------------------------------------------------
+# Django: the async ORM in a bridged task runs on the thread that waits for the task (the
+# worker thread, the caller's), as under async_to_sync, where Celery's Django fixup looks
+# after its connections. Each drill runs a bridged task beside the usual way, a sync task
+# calling async_to_sync(body)(). Settings are configured in code; the workers get Celery's
+# fixup from DJANGO_SETTINGS_MODULE (naming this module) and set Django up at import.
+# ---------------------------------------------------------------------------------------
+DJANGO_LABEL = os.environ.get("RELIER_DJANGO_LABEL")  # set in the Django workers' environment
+DJANGO_APP_LABEL = __name__.rsplit(".", 1)[-1]
+DjangoRow: Any = None  # the model, once Django is set up in this process
+TASK_THREAD: contextvars.ContextVar[int] = contextvars.ContextVar("task_thread")
+
+
+@task_prerun.connect
+def _note_task_thread(**_: Any) -> None:
+    TASK_THREAD.set(threading.get_ident())  # the worker thread: the body's context has it
+
+
+def _django_database(label: str) -> dict[str, Any]:
+    """Django's DATABASES entry for RELIER_POSTGRES_URL (SQLAlchemy style) or the local server."""
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(POSTGRES_URL or "postgresql://postgres@127.0.0.1:5432/test")
+    return {"ENGINE": "django.db.backends.postgresql", "NAME": url.path.lstrip("/") or "postgres",
+            "USER": unquote(url.username or ""), "PASSWORD": unquote(url.password or ""),
+            "HOST": url.hostname or "127.0.0.1", "PORT": str(url.port or 5432),
+            "CONN_MAX_AGE": 0, "OPTIONS": {"application_name": _django_app_name(label)},
+            "TEST": {"NAME": f"test_relier_{RUN_ID}"}}
+
+
+def _django_app_name(label: str) -> str:
+    return f"relier-{RUN_ID}-django-{label}"  # how pg_stat_activity tells a worker's connections
+
+
+def _django_setup(label: str) -> Any:
+    """Configure Django in code, set it up, define the one model; return it."""
+    global DjangoRow
+    if DjangoRow is None:
+        import django
+        from django.conf import settings
+        from django.db import models
+
+        settings.configure(
+            DATABASES={"default": _django_database(label)}, INSTALLED_APPS=[__name__],
+            MIGRATION_MODULES={DJANGO_APP_LABEL: None}, LOGGING_CONFIG=None, USE_TZ=True,
+            DEFAULT_AUTO_FIELD="django.db.models.BigAutoField", SECRET_KEY="relier")
+        django.setup()
+
+        class Row(models.Model):
+            name = models.CharField(max_length=100)
+
+            class Meta:
+                app_label = DJANGO_APP_LABEL
+                db_table = f"relier_{RUN_ID}_row"
+
+        DjangoRow = Row
+    return DjangoRow
+
+
+def _sleep_query(seconds: float) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+def _backend_and_thread() -> tuple[int, int]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0], threading.get_ident()
+
+
+async def _django_body(key: str, query_seconds: float) -> dict[str, Any]:
+    """A task body using the async ORM: what it saw, on which connection and thread."""
+    from asgiref.sync import sync_to_async
+
+    started = time.monotonic()
+    row = await DjangoRow.objects.acreate(name=key)
+    if query_seconds:
+        mark(f"django-query-{key}")
+        await sync_to_async(_sleep_query)(query_seconds)  # thread-sensitive, as the ORM's
+    count = await DjangoRow.objects.filter(name=key).acount()
+    await DjangoRow.objects.filter(pk=row.pk).aupdate(name=key)
+    backend, orm_thread = await sync_to_async(_backend_and_thread)()
+    return {"pid": os.getpid(), "backend": backend, "orm_thread": orm_thread, "count": count,
+            "task_thread": TASK_THREAD.get(None), "elapsed": time.monotonic() - started}
+
+
+@bridged_task(app=app)
+async def django_bridged(key: str, query_seconds: float = 0.0) -> dict[str, Any]:
+    return await _django_body(key, query_seconds)
+
+
+@app.task
+def django_baseline(key: str, query_seconds: float = 0.0) -> dict[str, Any]:
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(_django_body)(key, query_seconds)
+
+
+@bridged_task(app=app, hard_timeout=1)
+async def django_bridged_timed_out(key: str) -> dict[str, Any]:
+    return await _django_body(key, 2.5)
+
+
+async def _django_body_within_a_second(key: str) -> dict[str, Any]:
+    return await asyncio.wait_for(_django_body(key, 2.5), 1)
+
+
+@app.task
+def django_baseline_timed_out(key: str) -> dict[str, Any]:
+    from asgiref.sync import async_to_sync
+
+    return async_to_sync(_django_body_within_a_second)(key)
+
+
+DJANGO_TASKS = (django_bridged, django_baseline)
+
+
+def _django_missing() -> Optional[str]:
+    """Why the Django drills cannot run here, if they cannot."""
+    if importlib.util.find_spec("django") is None:
+        return "needs Django: pip install django 'psycopg[binary]' to run this"
+    if not any(importlib.util.find_spec(name) for name in ("psycopg", "psycopg2")):
+        return "needs a PostgreSQL driver for Django: pip install 'psycopg[binary]' to run this"
+    database = _django_database("probe")
+    try:
+        socket.create_connection((database["HOST"], int(database["PORT"])), timeout=3).close()
+    except OSError as exc:
+        return (f"needs PostgreSQL at {database['HOST']}:{database['PORT']} ({exc}): set "
+                "RELIER_POSTGRES_URL=postgresql://user@host:port/db to run this")
+    return None
+
+
+def _django_sql(sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _django_connections(label: str) -> int:
+    return int(_django_sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                           _django_app_name(label))[0][0])
+
+
+@pytest.fixture(scope="session")
+def django_rows() -> Iterator[Any]:
+    """Django set up in this process, and the model's table for the workers."""
+    missing = _django_missing()
+    if missing:
+        pytest.skip(missing)
+    row = _django_setup("pytest")
+    from django.db import connection
+
+    with connection.schema_editor() as editor:
+        editor.create_model(row)
+    try:
+        yield row
+    finally:
+        with connection.schema_editor() as editor:
+            editor.delete_model(row)
+        connection.close()
+
+
+@pytest.fixture(scope="module", params=["prefork", "threads", "solo"])
+def django_worker(request: Any, django_rows: Any) -> Iterator[Worker]:
+    pool = request.param
+    env = {"DJANGO_SETTINGS_MODULE": MODULE, "RELIER_DJANGO_LABEL": pool}
+    with running_worker(f"django-{pool}", pool, {"threads": 8, "prefork": 2}.get(pool, 1),
+                        env=env) as worker:
+        yield worker
+
+
+def _label(worker: Worker) -> str:
+    return worker.name.split("-", 1)[1]  # django-<pool>
+
+
+def test_django_connections_are_the_worker_threads_as_with_async_to_sync(
+        django_worker: Worker) -> None:
+    """CONN_MAX_AGE=0: each task connects afresh, on the worker thread, and Celery's fixup
+    closes the connection after it, so none is left open between tasks."""
+    for task in DJANGO_TASKS:
+        key = f"conn-{task.__name__}-{uuid.uuid4().hex[:6]}"
+        replies = [get(r) for r in [django_worker.send(task, f"{key}-{i}") for i in range(6)]]
+        assert [reply["count"] for reply in replies] == [1] * 6
+        assert all(reply["orm_thread"] == reply["task_thread"] for reply in replies), (
+            f"{task.__name__}: the ORM ran off the worker thread: {replies}")
+        backends = {(reply["pid"], reply["backend"]) for reply in replies}
+        assert len(backends) == 6, f"{task.__name__}: a connection per task: {replies}"
+        _poll(lambda: _django_connections(_label(django_worker)) == 0, 15,
+              f"{task.__name__}: the fixup closes every connection after its task",
+              lambda: f"{_django_connections(_label(django_worker))} open")
+
+
+def test_django_orm_recovers_after_the_server_drops_the_connections(
+        django_worker: Worker) -> None:
+    """pg_terminate_backend of every connection the worker holds: the next tasks succeed."""
+    warm = [django_worker.send(task, f"warm-{i}") for task in DJANGO_TASKS for i in range(4)]
+    for result in warm:
+        get(result)
+    _django_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s", _django_app_name(_label(django_worker)))
+    after = {task.__name__: [django_worker.send(task, f"after-{i}") for i in range(6)]
+             for task in DJANGO_TASKS}
+    failed = {name: [repr(r.result) for r in results
+                     if not r.wait(timeout=30, interval=0.05, propagate=False) or r.failed()]
+              for name, results in after.items()}
+    assert failed == {"django_bridged": [], "django_baseline": []}
+
+
+@pytest.mark.parametrize("django_worker", ["threads"], indirect=True)
+def test_django_a_slow_query_holds_no_other_tasks_orm_calls(django_worker: Worker) -> None:
+    """threads -c 8: one task in a 2.5 s query, 7 quick ORM tasks beside it."""
+    for task in DJANGO_TASKS:
+        key = f"slow-{task.__name__}-{uuid.uuid4().hex[:6]}"
+        slow = django_worker.send(task, key, 2.5)
+        _poll(lambda key=key: marked(f"django-query-{key}") is not None, 30,
+              "the slow query starts")
+        quick = [get(r)["elapsed"] for r in
+                 [django_worker.send(task, f"{key}-quick-{i}") for i in range(7)]]
+        assert max(quick) < 1.0, f"{task.__name__}: quick ORM tasks held: {quick}"
+        assert not slow.ready(), "the quick tasks ran beside the slow query"
+        assert get(slow)["count"] == 1
+
+
+@pytest.mark.parametrize("django_worker", ["solo"], indirect=True)
+def test_django_a_timed_out_tasks_query_holds_no_later_task(django_worker: Worker) -> None:
+    """A task timed out at 1 s in a 2.5 s query (hard_timeout; asyncio.wait_for under
+    async_to_sync): the process's next task finds the ORM free."""
+    for timed_out, task in ((django_bridged_timed_out, django_bridged),
+                            (django_baseline_timed_out, django_baseline)):
+        key = f"timed-out-{task.__name__}-{uuid.uuid4().hex[:6]}"
+        sent = time.monotonic()
+        first, then = django_worker.send(timed_out, key), django_worker.send(task, f"{key}-next")
+        assert first.wait(timeout=30, interval=0.05, propagate=False) is not None
+        failed_after = time.monotonic() - sent
+        assert first.failed(), f"{timed_out.__name__}: {first.result!r}"
+        held = get(then)["elapsed"]
+        assert held < 1.0, (f"{task.__name__}: the next task's ORM calls held {held:.2f} s; "
+                            f"{timed_out.__name__} failed after {failed_after:.2f} s")
+
+
+def test_django_testcase_sees_and_rolls_back_a_direct_calls_work(django_rows: Any) -> None:
+    """A Django TestCase calling the tasks directly and eagerly: they see the test's rows,
+    their writes roll back with the test, and the test database is dropped cleanly."""
+    import io
+    import unittest
+
+    from django.db import connection
+    from django.test import TestCase
+    from django.test.utils import setup_databases, teardown_databases
+
+    row = django_rows
+
+    class RowsCase(TestCase):
+        def setUp(self) -> None:
+            row.objects.create(name="seen")
+
+        def test_1_calls_see_the_tests_rows(self) -> None:
+            for count, task in enumerate(DJANGO_TASKS, start=2):  # the test's row, theirs
+                reply = task("seen")
+                self.assertEqual((reply["count"], reply["orm_thread"]),
+                                 (count, threading.get_ident()), task.__name__)
+            app.conf.task_always_eager = True
+            try:
+                self.assertEqual(django_bridged.delay("seen").get()["count"], 4)
+            finally:
+                app.conf.task_always_eager = False
+
+        def test_2_their_writes_rolled_back(self) -> None:
+            self.assertEqual(list(row.objects.values_list("name", flat=True)), ["seen"])
+
+    old_config = setup_databases(verbosity=0, interactive=False)
+    try:
+        with connection.schema_editor() as editor:  # the module is no models module: syncdb
+            editor.create_model(row)                # leaves it out
+        report = io.StringIO()
+        suite = unittest.defaultTestLoader.loadTestsFromTestCase(RowsCase)
+        outcome = unittest.TextTestRunner(stream=report, verbosity=2).run(suite)
+        assert outcome.wasSuccessful(), report.getvalue()
+    finally:
+        teardown_databases(old_config, verbosity=0)  # raises if a connection still uses it
+
+
+if DJANGO_LABEL and os.environ.get("DJANGO_SETTINGS_MODULE") == MODULE:  # a Django worker
+    _django_setup(DJANGO_LABEL)
 
 
 # ---------------------------------------------------------------------------------------
