@@ -6,9 +6,8 @@
 In a worker, coroutines run on the process's *bridge loop*, driven by a daemon thread, so
 clients made with ``per_loop`` serve task after task. Outside a worker (direct call, eager
 mode) each call gets a *disposable loop*, shut down completely before the call returns.
-It hooks into Celery's worker signals (ready, shutdown), ``os.register_at_fork``, Celery's
-per-thread task stack (for lineage) and each loop's async generator hooks (to close
-``per_loop`` values): all of it in the wiring block at the end.
+It hooks into Celery's worker signals, ``os.register_at_fork`` (wired at the end), Celery's
+task stack (lineage) and each loop's async generator hooks (closing ``per_loop`` values).
 """
 # Celery ships no type hints: a folder that vendors this module needs no mypy config for it.
 # mypy: disable-error-code="import-untyped"
@@ -63,8 +62,7 @@ _bridge_loop: Optional[_Loop] = None
 _bridge_lock = threading.Lock()
 _hub_owner: Optional[tuple[int, Any]] = None  # (thread, kombu hub) of a solo worker: _note_hub
 _loop_values: dict[asyncio.AbstractEventLoop, _LoopValues] = {}  # until each loop shuts down
-# the bridged task whose coroutine runs in this context, and its request (Celery keeps its
-# request stack per thread, and the coroutine runs on another thread than the worker's).
+# the bridged task running in this context and its request (Celery's stack is per thread)
 _current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvars.ContextVar(
     "relier_current")
 
@@ -72,9 +70,8 @@ _current: contextvars.ContextVar[tuple[celery.Task[Any, Any], Any]] = contextvar
 # Public types -----------------------------------------------------------------------------
 # Without celery-types, Celery's classes are Any to mypy: subclassing them needs the ignores.
 class HardTimeout(TimeLimitExceeded):  # type: ignore[misc, unused-ignore]
-    """The coroutine ran past ``hard_timeout`` and was cancelled, or was given up then because
-    ``held_by`` (another task, or a callback) held its event loop; ``partial`` is the hook's
-    last ``set_partial`` value. State lives in ``args``, so it survives a result backend."""
+    """Past ``hard_timeout``: cancelled, or given up as ``held_by`` held its loop; ``partial``
+    is on_soft's last ``set_partial``. State is in ``args``: it survives a result backend."""
 
     def __init__(self, task_name: str, limit: float, partial: Any = None,
                  held_by: Optional[str] = None) -> None:
@@ -129,14 +126,12 @@ class _Limits:
 
 
 class _SoftCancel(asyncio.CancelledError, SoftTimeLimitExceeded):  # type: ignore[misc, unused-ignore]
-    """Celery's soft time limit as a body sees it: a cancellation that asyncio and anyio clean
-    up after (TaskGroup, wait_for, Lock hand-offs, asyncio.timeout), and the
-    SoftTimeLimitExceeded of a plain task, for the body to catch and recover from."""
+    """Celery's soft time limit as a body sees it: a cancel that asyncio and anyio clean up
+    after, and the SoftTimeLimitExceeded of a plain task, to catch and recover from."""
 
 
 def _is_soft_stop(error: BaseException) -> bool:
-    """Whether a body let Celery's soft limit escape: bare, or grouped (TaskGroup of 3.11 and
-    3.12 groups a subclass of CancelledError), to be reported as SoftTimeLimitExceeded."""
+    """Whether it escaped, bare or grouped (3.11-3.12 TaskGroups group a CancelledError's)."""
     group = getattr(error, "exceptions", None)
     if isinstance(group, tuple) and group:
         return all(_is_soft_stop(leaf) for leaf in group)
@@ -163,8 +158,7 @@ class _Run(Executor):
         self.cancelled = False  # past hard_timeout, or given up by its waiter
         self.given_up = False  # by its waiter, past its limit: its loop may be stuck
         self.held_by: Optional[str] = None  # what held the loop then, if not this run
-        # A stop (see stop) is owed until the body's Task is cancelled for it, then landing
-        # until that cancel is thrown in: as itself, in place of the Task's CancelledError.
+        # A stop is owed until the Task is cancelled for it, then landing until thrown in.
         self.owed: Optional[asyncio.CancelledError] = None
         self.landing: Optional[asyncio.CancelledError] = None
         self.task: Optional[asyncio.Future[Any]] = None  # the Task, once it steps the body
@@ -214,10 +208,9 @@ class _Run(Executor):
             self.owner.finished(self)
             self.inbox.put(None)  # after submit's calls, if any: the waiter returns
 
-    # asgiref's thread-sensitive sync_to_async (Django's async ORM) runs its calls on the
-    # AsyncToSync.executors.current that _settle sets, as async_to_sync sets its caller's; unset,
-    # one asgiref thread serves the whole process. Read in asgiref 3.2.10, 3.3.4, 3.4.1, 3.5.2,
-    # 3.7.2, 3.8.1, 3.13.0; before 3.8 it is per asyncio task, unseen by tasks the body creates.
+    # asgiref's thread-sensitive calls (Django's ORM) run on the AsyncToSync.executors.current
+    # _settle sets, as async_to_sync does; unset, one thread serves the process. Read in asgiref
+    # 3.2.10 to 3.13.0; before 3.8 it is per asyncio task, unseen by tasks the body creates.
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         if self.given_up or (self.task is not None and self.task.done()):
             raise RuntimeError(f"task {self.name} is over: its waiting thread runs no more calls")
@@ -233,8 +226,7 @@ class _Run(Executor):
         return future
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        """Step the coroutine as its Task would, but throw a stop's cancel in as the stop (see
-        stop); and a stop asked for before the first step, or a give-up, before any step."""
+        """Step the coroutine as its Task would, a stop thrown in as itself (see stop)."""
         self.task = asyncio.current_task()
         sent: Any = None
         thrown: Optional[BaseException] = None
@@ -278,9 +270,8 @@ class _Run(Executor):
             logger.exception("on_soft hook of %s raised; the task goes on", self.name)
 
     def stop(self, cancel: asyncio.CancelledError) -> None:
-        """From any thread: cancel the body's Task, as asyncio counts cancels (``cancelling``,
-        ``uncancel``), and throw ``cancel`` in at its ``await``: a CancelledError for a hard
-        stop, a _SoftCancel for Celery's soft limit, which the body may handle."""
+        """From any thread: cancel the body's Task, counted as asyncio counts, and throw
+        ``cancel`` in at its ``await``: a CancelledError, or a _SoftCancel at the soft limit."""
         self.owed = cancel
         self.owner.call(self._cancel_owed)
 
@@ -292,9 +283,8 @@ class _Run(Executor):
             self.owner.finished(self)
 
     def wait(self) -> Any:
-        """Block until the run settles; return or raise its outcome. Celery's soft time limit,
-        raised into this thread, is thrown into the body, which may handle it; anything else
-        raised here gives the run up, as does ``CANCEL_GRACE`` past ``hard_timeout``."""
+        """Run submitted calls until the run settles; return or raise its outcome. Anything
+        raised here but the soft limit gives the run up, as does the limit + CANCEL_GRACE."""
         while True:
             try:
                 call = self.inbox.get(timeout=self._left())
@@ -348,8 +338,7 @@ class _Run(Executor):
         self.abandon()
 
     def abandon(self) -> None:
-        """Give the run up: if it has not started it never will; else it is cancelled before
-        its next step, whatever its loop had queued, and no longer keeps a retired loop."""
+        """Give the run up: unstarted, it never starts; else it takes no step but the cancel."""
         self.cancelled = True  # seen by start, should the run be on its way to another loop
         self.owner.queued.discard(self)
         self.stop(asyncio.CancelledError())
@@ -428,8 +417,7 @@ class _Loop:
             self.loop.stop()
 
     def drive(self) -> None:
-        """Turn the loop until it is retired and idle, then shut it down as asyncio.run does.
-        What escapes the loop ends a disposable drive; the bridge thread logs it, goes on."""
+        """Turn the loop until retired and idle, then shut it down as asyncio.run does."""
         loop = self.loop
         own_thread = threading.current_thread() is self.thread
         if own_thread:
@@ -487,9 +475,8 @@ def _forget_bridge_in_child() -> None:
     _bridge_lock.release()
 
 
-# Solo pool: the task runs on the thread of kombu's hub, which has queued the task's ack and
-# runs what its own thread queued only after its next poll, up to 10 s later: on AMQP the
-# next task waits for that ack. A call_soon() from another thread ends the poll at once.
+# Solo pool: the task runs on kombu's hub thread, whose queued ack waits for its next poll,
+# up to 10 s (on AMQP the next task waits for it); a call_soon() from another thread ends it.
 def _note_hub(**_: Any) -> None:
     global _hub_owner
     hub = current_hub()
@@ -518,8 +505,8 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
         if hub is not None and hub[0] == threading.get_ident():
             run.hub = hub[1]
         return _bridge().submit(run).wait()
-    # Driven here, as asyncio.run does; or by a thread of its own: to fail on time should it
-    # block, beside this thread's running loop, or while this thread runs asgiref's calls.
+    # Driven here as by asyncio.run, or by its own thread: to fail on time, beside a running
+    # loop here, or while this thread runs asgiref's calls.
     inline = (limits.hard is None and asyncio._get_running_loop() is None
               and "asgiref.sync" not in sys.modules)
     owner = _Loop(None if inline else f"relier-disposable-{task.name}")
@@ -536,11 +523,10 @@ def _execute(task: celery.Task[Any, Any], body: Callable[..., Coroutine[Any, Any
 
 # per_loop: one value per event loop, closed on it when it shuts down ----------------------
 class per_loop(Generic[T]):
-    """``await res()``: the running loop's value, made by ``factory()`` (awaited if need be) on
-    first use, once, for all first users; a failed creation is retried next call. When the
-    loop shuts down (any loop: see _LoopValues) its values are closed newest first:
-    ``close(value)``, else ``value.aclose()``, else ``value.close()``, awaited if need be;
-    a close that fails or takes over ``CANCEL_GRACE`` is logged."""
+    """``await res()``: the running loop's value, made by ``factory()`` (awaited if need be)
+    once, for all first users; a failed creation is retried next call. When the loop shuts
+    down (see _LoopValues) its values are closed newest first: ``close(value)``, else
+    ``value.aclose()`` or ``value.close()``, awaited; a failed or slow close is logged."""
 
     @overload
     def __init__(self, factory: Callable[[], Awaitable[T]], *,
@@ -588,9 +574,8 @@ class per_loop(Generic[T]):
 
 
 class _LoopValues(dict[per_loop[Any], asyncio.Task[Any]]):
-    """One loop's per_loop values (the tasks that make them), oldest first. They are closed
-    when the loop shuts its async generators down, as asyncio.run, asyncio.Runner, uvicorn
-    and the bridge's own loops do before closing it; then the loop keeps nothing of them."""
+    """One loop's per_loop values (the tasks that make them), oldest first, closed when the
+    loop shuts its async generators down (asyncio.run, Runner, uvicorn and ours all do)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -655,9 +640,8 @@ class BridgedResult(AsyncResult, Generic[R]):  # type: ignore[misc, type-arg, un
 
     async def aget(self, timeout: Optional[float] = None, *, interval: float = 0.02,
                    propagate: bool = True, disable_sync_subtasks: bool = True) -> R:
-        """What ``get()`` returns, raises or refuses (in a task), awaited holding no thread:
-        read at once, then every smallest ``interval`` among this loop's waits, connection
-        errors retried. Past ``timeout``: TimeoutError naming the task and the limit."""
+        """What ``get()`` returns, raises or refuses, awaited holding no thread: read at once,
+        then each smallest ``interval`` of the loop's waits; past ``timeout``, TimeoutError."""
         celery_result = cast(Any, self)  # Celery's own, private cache of a finished result
         if celery_result._cache is None:
             if disable_sync_subtasks:
@@ -700,9 +684,8 @@ class _EagerResult(EagerResult, BridgedResult[Any]):  # type: ignore[misc, type-
 
 # Lineage: Celery's current task, on the threads that run bridged coroutines ---------------
 class _TaskOfContext:
-    """On Celery's task stack of the bridge's threads, it answers as the bridged task whose
-    coroutine runs in the asking context: so tasks sent meanwhile get their parent, root,
-    priority and a place among its children, and ``celery.current_task`` is that task."""
+    """On the task stack of the bridge's threads, the bridged task of the asking context: so
+    tasks it sends get parent, root, priority, a place in its children; current_task is it."""
 
     def __bool__(self) -> bool:
         return _current.get(None) is not None
