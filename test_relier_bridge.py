@@ -2925,14 +2925,12 @@ async def in_gather(key: str, span: float) -> None:
     await asyncio.gather(ticking(key, "a"), ticking(key, "b"))
 
 
-async def lock_handed_on(key: str, span: float) -> None:
-    """A holds the lock, then B (this body), then C queue for it. A hands it over while the
-    stop arrives (A blocks the loop across STOP_AT): stopped in the hand-off, B must hand the
-    lock on to C, as asyncio's Lock does for a cancelled waiter."""
-    lock = asyncio.Lock()
-
+async def _handed_on(key: str, span: float, guard: Any) -> None:
+    """A holds ``guard``, then B (this body), then C queue for it. A hands it over while the
+    stop arrives (A blocks the loop across the stop): stopped in the hand-off, B must hand
+    it on to C, as asyncio's Lock and Semaphore do for a cancelled waiter."""
     async def hold() -> None:
-        async with lock:
+        async with guard:
             note(key, "A-got")
             await asyncio.sleep(STOP_AT / 2)
             time.sleep(span)  # noqa: ASYNC251 (blocks the loop across the stop)
@@ -2940,43 +2938,25 @@ async def lock_handed_on(key: str, span: float) -> None:
 
     async def third() -> None:
         await asyncio.sleep(STOP_AT / 10)  # queues after B
-        async with lock:
+        async with guard:
             note(key, "C-got")
 
     others = [asyncio.ensure_future(hold()), asyncio.ensure_future(third())]
-    await asyncio.sleep(0)  # A takes the lock
+    await asyncio.sleep(0)  # A takes it
     try:
-        async with lock:
+        async with guard:
             note(key, "B-got")
     finally:
-        await asyncio.wait(others, timeout=3)  # cleanup after a stop: C got the lock
+        await asyncio.wait(others, timeout=3)  # cleanup after a stop: C got it
         note(key, "B-end")
+
+
+async def lock_handed_on(key: str, span: float) -> None:
+    await _handed_on(key, span, asyncio.Lock())
 
 
 async def semaphore_handed_on(key: str, span: float) -> None:
-    """lock_handed_on with a Semaphore of one."""
-    semaphore = asyncio.Semaphore(1)
-
-    async def hold() -> None:
-        async with semaphore:
-            note(key, "A-got")
-            await asyncio.sleep(STOP_AT / 2)
-            time.sleep(span)  # noqa: ASYNC251 (blocks the loop across the stop)
-        note(key, "A-released")
-
-    async def third() -> None:
-        await asyncio.sleep(STOP_AT / 10)
-        async with semaphore:
-            note(key, "C-got")
-
-    others = [asyncio.ensure_future(hold()), asyncio.ensure_future(third())]
-    await asyncio.sleep(0)
-    try:
-        async with semaphore:
-            note(key, "B-got")
-    finally:
-        await asyncio.wait(others, timeout=3)
-        note(key, "B-end")
+    await _handed_on(key, span, asyncio.Semaphore(1))
 
 
 async def condition_notified(key: str, span: float) -> None:
