@@ -15,7 +15,7 @@ Configuration, by environment variables alone:
                           Django drills' database (needs django and psycopg), default: that
                           local URL, the drills skipping if no server answers there
   RELIER_QUICK=1          skips the long drills (fork churn, 2000-task leak check, warm
-                          shutdown, 2000-task stress run): about 2 min instead of 6
+                          shutdown, 2000-task stress run): about 3.5 min instead of 8
   RELIER_CHURN_TASKS, RELIER_LEAK_TASKS, RELIER_STRESS_TASKS: sizes of those long drills
 
 Every option the file needs is set here (a hang fails a test after 120 s: pytest-timeout),
